@@ -1,0 +1,103 @@
+"""The HyCAM module of one decoder layer: shared CAM, specialized CAMs and their router.
+
+Paper, Section 3.3:
+    A_shared = SiLU(h_norm W_shared)                       W_shared: d x d, zeros at init
+    A_spec_k = SiLU(h_norm (B_k N_k A_k)^T)                A_k: r x d, N_k: r x r, B_k: d x r (zeros)
+    p        = softmax((h_norm W_router + g) / tau)        g ~ Gumbel(0, 1)
+    A_fusion = A_shared + sum_k p_k A_spec_k
+    h_out    = h_att + h_att * A_fusion
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hycam.config import HyCAMConfig
+from hycam.fusion import weighted_silu_sum
+from hycam.routing import gumbel_route
+
+
+class Router(nn.Linear):
+    """Token-level router; returns the logits and the Gumbel-softmax probabilities (Eq. 8-9)."""
+
+    def __init__(self, hidden_size: int, config: HyCAMConfig, **factory) -> None:
+        super().__init__(hidden_size, config.num_specialized, bias=config.bias, **factory)
+        self.tau, self.hard, self.eval_noise = config.tau, config.hard_routing, config.eval_noise
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = super().forward(h)  # (B, L, N_s)
+        noise = self.training or self.eval_noise
+        return logits, gumbel_route(logits, self.tau, noise=noise, hard=self.hard)
+
+
+class LowRankDown(nn.Module):
+    """The x -> x A_k^T N_k^T half of n SLoRA projections, all experts in one matmul."""
+
+    def __init__(self, hidden_size: int, rank: int, num: int, **factory) -> None:
+        super().__init__()
+        self.rank, self.num = rank, num
+        self.down = nn.Linear(hidden_size, num * rank, bias=False, **factory)  # A_1..A_n stacked
+        self.mix = nn.Parameter(torch.empty(num, rank, rank, **factory))  # N_1..N_n
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+        for mix in self.mix:  # per expert, so that the fan-in is r
+            nn.init.kaiming_uniform_(mix, a=math.sqrt(5))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        x = self.down(h).unflatten(-1, (self.num, self.rank))  # (B, L, n, r)
+        return torch.einsum("blnr,nsr->blns", x, self.mix)  # (B, L, n, r)
+
+
+class HyCAM(nn.Module):
+    """Computes A_fusion from h_norm for one layer. The caller applies it to h_att."""
+
+    def __init__(self, hidden_size: int, config: HyCAMConfig, **factory) -> None:
+        super().__init__()
+        n, d = config.num_specialized, hidden_size
+        self.shared = self.shared_down = None
+        if config.shared and config.shared_rank is None:
+            self.shared = nn.Linear(d, d, bias=config.bias, **factory)
+        elif config.shared:  # InversePEFT: low-rank shared CAM, W_shared = B N A
+            self.shared_down = LowRankDown(d, config.shared_rank, 1, **factory)
+            self.shared = nn.Linear(config.shared_rank, d, bias=config.bias, **factory)
+        self.router = Router(d, config, **factory) if n else None
+        self.spec_down = LowRankDown(d, config.rank, n, **factory) if n and config.rank else None
+        inner = config.rank or d
+        self.spec_up = nn.Parameter(torch.empty(n, d, inner, **factory)) if n else None  # B_1..B_n
+        self.spec_bias = nn.Parameter(torch.empty(n, d, **factory)) if n and config.bias else None
+        self.scale = config.lora_alpha / config.rank if config.lora_alpha else 1.0
+        self.reset_parameters(config.init_std)
+
+    def reset_parameters(self, std: float = 0.0) -> None:
+        """Zeros for W_shared and B_k (the model is unchanged at step 0); biases zero too."""
+        for weight in (getattr(self.shared, "weight", None), self.spec_up):
+            if weight is not None:
+                nn.init.normal_(weight, std=std) if std else nn.init.zeros_(weight)
+        for bias in (getattr(self.shared, "bias", None), self.spec_bias):
+            if bias is not None:
+                nn.init.zeros_(bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """h_norm (B, L, d) -> A_fusion (B, L, d), Eq. 11."""
+        if self.router is None:
+            return self.shared_modulation(h)
+        spec = self.specialized_modulation(h)
+        return spec if self.shared is None else self.shared_modulation(h) + spec
+
+    def shared_modulation(self, h: torch.Tensor) -> torch.Tensor:
+        x = h if self.shared_down is None else self.shared_down(h).squeeze(-2)  # (B, L, d or r)
+        return F.silu(self.shared(x))  # A_shared, (B, L, d)
+
+    def specialized_modulation(self, h: torch.Tensor) -> torch.Tensor:
+        _, probs = self.router(h)  # (B, L, N_s)
+        if self.spec_down is not None:
+            x = self.spec_down(h) * self.scale  # (B, L, N_s, r)
+        else:  # full rank: every expert reads h itself; expand makes no copy
+            x = h.unsqueeze(-2).expand(*h.shape[:-1], self.spec_up.size(0), h.size(-1))
+        return weighted_silu_sum(x, self.spec_up, self.spec_bias, probs.to(h.dtype))  # (B, L, d)

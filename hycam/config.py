@@ -1,0 +1,94 @@
+"""HyCAM configuration: one typed dataclass whose defaults are the paper's."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+VARIANTS = ("hycam", "shared_only", "full_spec", "spec_only", "inverse_peft", "authors")
+
+
+@dataclass
+class HyCAMConfig:
+    """What HyCAM adds to a model (paper Section 3.3; defaults from its Section 4.1.5)."""
+
+    num_specialized: int = 5
+    """N_s, the number of specialized CAMs routed per token; 0 leaves only the shared CAM."""
+    rank: int | None = 64
+    """Rank r of each specialized CAM (W_k = B_k N_k A_k); None makes each W_k a full d x d matrix."""
+    shared: bool = True
+    """Whether the full-parameter shared CAM is present (False: the SpecOnly ablation)."""
+    shared_rank: int | None = None
+    """None: W_shared is full rank (paper). An int: W_shared = B N A of that rank (InversePEFT)."""
+    tau: float = 0.5
+    """Gumbel-softmax temperature (Eq. 9)."""
+    balance_coef: float = 0.1
+    """lambda_balance: weight of the load-balancing loss in the total loss (Eq. 13)."""
+    hard_routing: bool = False
+    """Straight-through one-hot routing (the authors' code) instead of soft probabilities (paper)."""
+    eval_noise: bool = False
+    """Draw Gumbel noise in eval mode too (the authors' code); off makes evaluation deterministic."""
+    modulate: Literal["attention", "residual"] = "attention"
+    """'attention': h_att + h_att * A (paper). 'residual': (residual + h_att) * (1 + A) (authors' code)."""
+    lora_alpha: float | None = None
+    """If set, scale the specialized pre-activation by lora_alpha / rank (the authors use 32)."""
+    bias: bool = False
+    """Give every CAM projection a zero-initialised bias (the authors' code)."""
+    train_layernorms: bool = False
+    """Also train the decoder layers' two norms (the authors' name filter does this)."""
+    train_router: bool = True
+    """Train the router; the authors' name filter misses it, so their router keeps its random init."""
+    layers: list[int] | None = None
+    """Indices of the decoder layers that get HyCAM; None means every layer."""
+    balance_scope: Literal["local", "global"] = "local"
+    """Average the balance-loss means over this rank's tokens, or over all data-parallel ranks."""
+    init_std: float = field(default=0.0, repr=False)
+    """Std of a normal init for the zero-initialised weights (B_k, W_shared); tests use it to start
+    from a non-trivial modulation. 0.0 is the paper's zero init."""
+
+    def __post_init__(self) -> None:
+        if self.num_specialized < 0:
+            raise ValueError(f"num_specialized must be >= 0, got {self.num_specialized}")
+        if not self.shared and self.num_specialized == 0:
+            raise ValueError("HyCAMConfig: no shared CAM and num_specialized=0 leaves nothing to train")
+        for name in ("rank", "shared_rank"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"HyCAMConfig.{name} must be a positive int or None, got {value}")
+        if self.tau <= 0:
+            raise ValueError(f"HyCAMConfig.tau must be > 0, got {self.tau}")
+        if self.modulate not in ("attention", "residual"):
+            raise ValueError(f"HyCAMConfig.modulate must be 'attention' or 'residual', got {self.modulate!r}")
+        if self.balance_scope not in ("local", "global"):
+            raise ValueError(f"HyCAMConfig.balance_scope must be 'local' or 'global', got {self.balance_scope!r}")
+        if self.lora_alpha is not None and self.rank is None:
+            raise ValueError("HyCAMConfig.lora_alpha scales a low-rank path: set rank too")
+
+    @classmethod
+    def variant(cls, name: str, **overrides) -> HyCAMConfig:
+        """The paper's HyCAM, one of its ablations, or the authors' code's choices, by name."""
+        presets = {
+            "hycam": {},
+            "shared_only": {"num_specialized": 0},
+            "full_spec": {"rank": None},
+            "spec_only": {"shared": False},
+            "inverse_peft": {"rank": None, "shared_rank": 64},
+            "authors": {"hard_routing": True, "eval_noise": True, "modulate": "residual",
+                        "lora_alpha": 32.0, "bias": True, "train_layernorms": True,
+                        "train_router": False, "balance_coef": 0.0},
+        }
+        if name not in presets:
+            raise ValueError(f"unknown HyCAM variant {name!r}; choose one of {', '.join(VARIANTS)}")
+        return cls(**{**presets[name], **overrides})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> HyCAMConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown HyCAMConfig fields: {', '.join(unknown)}")
+        return cls(**values)

@@ -1,0 +1,95 @@
+"""The one patch on the model's forward: stack every router's output and add the balance loss.
+
+Router outputs are recorded by forward hooks that exist only for the duration of one call, so a
+forward recomputed during backward (gradient checkpointing) is never counted twice.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import ModelOutput
+
+from hycam.cam import Router
+from hycam.routing import load_balancing_loss
+
+
+@dataclass
+class HyCAMCausalLMOutput(CausalLMOutputWithPast):
+    """`CausalLMOutputWithPast` plus what HyCAM's routers did.
+
+    Args:
+        loss: task loss + balance_coef * balance_loss, when labels were given.
+        task_loss: the model's own next-token cross-entropy.
+        balance_loss: Eq. 10 over the non-padding tokens of all layers stacked together.
+        router_logits: `[num_layers, batch, seq_len, num_specialized]`.
+        router_probs: the Gumbel-softmax probabilities used in the fusion, same shape.
+    """
+
+    task_loss: torch.FloatTensor | None = None
+    balance_loss: torch.FloatTensor | None = None
+    router_logits: torch.FloatTensor | None = None
+    router_probs: torch.FloatTensor | None = None
+
+
+@functools.cache
+def routed_forward_for(model_class: type):
+    """A forward for `model_class` that keeps its signature (generation inspects it)."""
+
+    @functools.wraps(model_class.forward)
+    def forward(self, *args, **kwargs):
+        records: list[tuple[torch.Tensor, torch.Tensor]] = []
+        hooks = [m.register_forward_hook(lambda _m, _i, out: records.append(out))
+                 for m in self.modules() if isinstance(m, Router)]
+        try:
+            output = model_class.forward(self, *args, **kwargs)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        # Every causal LM in transformers takes (input_ids, attention_mask, ...) in this order.
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        return _with_routing(self, output, records, mask)
+
+    return forward
+
+
+def _with_routing(model, output, records, attention_mask) -> HyCAMCausalLMOutput:
+    if not isinstance(output, ModelOutput):
+        raise TypeError("HyCAM needs the model to return a ModelOutput: do not pass return_dict=False")
+    config = model.hycam_config
+    task_loss, fields = output.get("loss"), dict(output)
+    if not records:  # shared CAM only: nothing is routed
+        balance = torch.zeros((), device=output["logits"].device)
+        return HyCAMCausalLMOutput(**fields, task_loss=task_loss, balance_loss=balance)
+    logits = torch.stack([r[0] for r in records])  # (num_layers, B, L, N_s)
+    probs = torch.stack([r[1] for r in records])  # (num_layers, B, L, N_s)
+    _check_router_gradient(model, logits)
+    mask = _token_mask(attention_mask, logits.size(-2))
+    balance = load_balancing_loss(logits, probs, mask, global_batch=config.balance_scope == "global")
+    if task_loss is not None:
+        fields["loss"] = task_loss + config.balance_coef * balance
+    return HyCAMCausalLMOutput(
+        **fields, task_loss=task_loss, balance_loss=balance, router_logits=logits, router_probs=probs
+    )
+
+
+def _token_mask(attention_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
+    """The `[batch, seq_len]` padding mask of this call's tokens (with a KV cache, the last ones)."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return None
+    return attention_mask[:, -seq_len:]
+
+
+def _check_router_gradient(model, logits: torch.Tensor) -> None:
+    # Reentrant checkpointing runs the forward under no_grad: the stacked logits would carry no
+    # gradient and the balance loss would silently train nothing.
+    router_trains = model.hycam_config.train_router and model.training and torch.is_grad_enabled()
+    if router_trains and not logits.requires_grad:
+        raise RuntimeError(
+            "HyCAM router outputs carry no gradient, so the balance loss cannot train the router. With "
+            "gradient checkpointing use model.gradient_checkpointing_enable("
+            "gradient_checkpointing_kwargs={'use_reentrant': False})."
+        )

@@ -1,0 +1,28 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="hycam",
+    version="0.1.0",
+    description="HyCAM: Hybrid Contextual Attention Modulation for multi-task adaptation of LLMs (CIKM 2025)",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.9",
+    packages=find_packages(include=["hycam", "hycam.*"]),
+    install_requires=[
+        "torch>=2.1",
+        "transformers>=4.45,<6",
+        "safetensors>=0.4",
+        "numpy>=1.24",
+    ],
+    extras_require={
+        "train": ["deepspeed>=0.13", "peft>=0.14", "pyyaml>=6", "tqdm>=4.60", "tensorboard>=2.14",
+                  "accelerate>=0.34", "gguf>=0.10", "sentencepiece>=0.2"],
+        "eval": ["sacrebleu>=2.3", "rouge-score>=0.1.2", "nltk>=3.8", "scipy>=1.10", "matplotlib>=3.7",
+                 "scikit-learn>=1.3", "tqdm>=4.60"],
+        "dev": ["hycam[train,eval]", "pytest>=7"],
+    },
+    entry_points={"console_scripts": ["hycam-eval=hycam.evaluate:main"]},
+)

@@ -1,0 +1,45 @@
+"""Tiny random Llama, Qwen2 and Mistral models, and the paths the tests read."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+FAMILIES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+            "mistral": (MistralConfig, MistralForCausalLM)}
+VOCAB = 128
+
+
+def tiny_model(family: str = "llama", seed: int = 0, dtype=torch.float32, **overrides) -> torch.nn.Module:
+    config_class, model_class = FAMILIES[family]
+    settings = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256,
+                    attn_implementation="eager", pad_token_id=0)
+    torch.manual_seed(seed)
+    return model_class(config_class(**{**settings, **overrides})).to(dtype).eval()
+
+
+def padded_batch(seed: int = 1, batch: int = 3, length: int = 12) -> dict[str, torch.Tensor]:
+    """Token ids with left padding of different lengths in each row: mixed lengths."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (batch, length), generator=generator)
+    mask = torch.ones_like(ids)
+    for row in range(1, batch):
+        mask[row, : 2 * row] = 0
+    return {"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask}
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"{SHARED_DATA} is not there")
+    return SHARED_DATA

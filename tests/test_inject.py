@@ -1,0 +1,176 @@
+"""hycam.apply / remove / trainable_parameters on tiny Llama, Qwen2 and Mistral models."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import padded_batch, tiny_model
+
+import hycam
+
+
+def test_logits_unchanged_at_init(family):
+    model, batch = tiny_model(family), padded_batch()
+    before = model(**batch).logits
+    hycam.apply(model, hycam.HyCAMConfig(rank=8))
+    torch.testing.assert_close(model(**batch).logits, before, atol=1e-5, rtol=0)
+
+
+def test_trainable_set_is_exactly_the_hycam_parameters(family):
+    model = hycam.apply(tiny_model(family), hycam.HyCAMConfig(rank=8))
+    per_layer = ["shared.weight", "router.weight", "spec_down.down.weight", "spec_down.mix", "spec_up"]
+    expected = {f"model.layers.{i}.self_attn.hycam.{p}" for i in range(2) for p in per_layer}
+    assert set(hycam.trainable_parameters(model)) == expected
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == expected
+
+
+def test_parameter_shapes_follow_the_paper():
+    model = hycam.apply(tiny_model(), hycam.HyCAMConfig(num_specialized=3, rank=8))
+    cam = model.model.layers[0].self_attn.hycam
+    assert cam.shared.weight.shape == (64, 64)  # W_shared: d x d
+    assert cam.router.weight.shape == (3, 64)  # W_router: d x N_s
+    assert cam.spec_down.down.weight.shape == (3 * 8, 64)  # A_1..A_3: r x d each
+    assert cam.spec_down.mix.shape == (3, 8, 8)  # N_k: r x r
+    assert cam.spec_up.shape == (3, 64, 8)  # B_k: d x r
+
+
+def test_backbone_gets_no_gradient(family):
+    model = hycam.apply(tiny_model(family), hycam.HyCAMConfig(rank=8)).train()
+    batch = padded_batch()
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    trainable = hycam.trainable_parameters(model)
+    assert all(p.grad is None for n, p in model.named_parameters() if n not in trainable)
+    assert all(p.grad is not None for p in trainable.values())
+
+
+def test_output_shapes(family):
+    model = hycam.apply(tiny_model(family), hycam.HyCAMConfig(num_specialized=4, rank=8))
+    out = model(**padded_batch(batch=3, length=12))
+    assert out.router_logits.shape == out.router_probs.shape == (2, 3, 12, 4)
+    assert out.balance_loss.shape == () and out.loss is None
+
+
+def test_loss_is_task_loss_plus_weighted_balance_loss():
+    model = hycam.apply(tiny_model(), hycam.HyCAMConfig(rank=8, balance_coef=0.3)).train()
+    batch = padded_batch()
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    out = model(**batch, labels=labels)
+    shifted = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    torch.testing.assert_close(out.task_loss, shifted)
+    torch.testing.assert_close(out.loss, shifted + 0.3 * out.balance_loss)
+
+
+def test_one_step_moves_shared_specialized_and_router_weights():
+    model = hycam.apply(tiny_model(), hycam.HyCAMConfig(rank=8)).train()
+    before = {n: p.detach().clone() for n, p in hycam.trainable_parameters(model).items()}
+    optimizer = torch.optim.AdamW(hycam.trainable_parameters(model).values(), lr=1e-3)
+    batch = padded_batch()
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    optimizer.step()
+    moved = {n for n, p in hycam.trainable_parameters(model).items() if not torch.equal(p, before[n])}
+    for part in ("shared.weight", "spec_up", "router.weight"):
+        assert {f"model.layers.{i}.self_attn.hycam.{part}" for i in range(2)} <= moved
+
+
+def test_a_few_steps_lower_the_loss():
+    model = hycam.apply(tiny_model(), hycam.HyCAMConfig(rank=8)).train()
+    optimizer = torch.optim.AdamW(hycam.trainable_parameters(model).values(), lr=1e-2)
+    batch = padded_batch()
+    losses = []
+    for _ in range(8):
+        torch.manual_seed(0)  # same Gumbel noise each step: the change is the training's
+        loss = model(**batch, labels=batch["input_ids"]).loss
+        losses.append(loss.item())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert losses[-1] < losses[0] - 0.1
+
+
+def test_remove_restores_the_backbone_exactly(family):
+    model, batch = tiny_model(family), padded_batch()
+    before = model(**batch).logits
+    hycam.apply(model, hycam.HyCAMConfig(rank=8, init_std=0.5))
+    assert not torch.allclose(model(**batch).logits, before)
+    hycam.remove(model)
+    assert torch.equal(model(**batch).logits, before)
+    assert all(p.requires_grad for p in model.parameters())
+    assert not any("hycam" in n for n in model.state_dict())
+
+
+def test_backbone_parameter_names_do_not_change():
+    model = tiny_model()
+    names = set(model.state_dict())
+    hycam.apply(model)
+    assert {n for n in model.state_dict() if ".hycam." not in n} == names
+
+
+def test_deepcopy_is_independent():
+    model = hycam.apply(tiny_model(), hycam.HyCAMConfig(rank=8, init_std=0.5))
+    clone = copy.deepcopy(model)
+    hycam.remove(clone)
+    batch = padded_batch()
+    assert model(**batch).router_logits is not None
+    assert not hasattr(clone(**batch), "router_logits")
+
+
+def test_applying_twice_is_refused():
+    model = hycam.apply(tiny_model())
+    with pytest.raises(ValueError, match="already has HyCAM"):
+        hycam.apply(model)
+
+
+def test_a_model_without_decoder_layers_is_refused_by_name():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64))
+    with pytest.raises(ValueError, match="GPT2LMHeadModel has no list of decoder layers with self_attn"):
+        hycam.apply(model)
+
+
+def test_layers_option_limits_injection():
+    model = hycam.apply(tiny_model(num_hidden_layers=3), hycam.HyCAMConfig(rank=8, layers=[0, 2]))
+    assert [hasattr(layer.self_attn, "hycam") for layer in model.model.layers] == [True, False, True]
+    assert model(**padded_batch()).router_logits.shape[0] == 2
+    with pytest.raises(ValueError, match="layers"):
+        hycam.apply(tiny_model(), hycam.HyCAMConfig(layers=[5]))
+
+
+@pytest.mark.parametrize(
+    "variant, present, absent",
+    [
+        ("shared_only", {"shared.weight"}, {"router.weight", "spec_up"}),
+        ("spec_only", {"router.weight", "spec_up", "spec_down.mix"}, {"shared.weight"}),
+        ("full_spec", {"shared.weight", "router.weight", "spec_up"}, {"spec_down.mix"}),
+        ("inverse_peft", {"shared_down.mix", "shared.weight", "spec_up"}, {"spec_down.mix"}),
+    ],
+)
+def test_ablation_variants_have_their_parts(variant, present, absent):
+    model = hycam.apply(tiny_model(), hycam.HyCAMConfig.variant(variant))
+    parts = {n.split(".hycam.")[1] for n in hycam.trainable_parameters(model)}
+    assert present <= parts and not (absent & parts)
+
+
+def test_full_rank_specialized_cams_are_d_by_d():
+    model = hycam.apply(tiny_model(), hycam.HyCAMConfig.variant("full_spec"))
+    assert model.model.layers[0].self_attn.hycam.spec_up.shape == (5, 64, 64)
+
+
+def test_authors_variant_trains_norms_and_not_the_router_but_saves_it():
+    model = hycam.apply(tiny_model(), hycam.HyCAMConfig.variant("authors", rank=8))
+    trainable, saved = set(hycam.trainable_parameters(model)), set(hycam.hycam_parameters(model))
+    assert "model.layers.0.input_layernorm.weight" in trainable
+    assert "model.layers.1.post_attention_layernorm.weight" in trainable
+    assert "model.norm.weight" not in trainable
+    assert saved - trainable == {f"model.layers.{i}.self_attn.hycam.router.{p}" for i in range(2)
+                                 for p in ("weight", "bias")}
+
+
+def test_bad_config_values_are_refused():
+    with pytest.raises(ValueError, match="tau"):
+        hycam.HyCAMConfig(tau=0)
+    with pytest.raises(ValueError, match="modulate"):
+        hycam.HyCAMConfig(modulate="mlp")
+    with pytest.raises(ValueError, match="unknown HyCAM variant"):
+        hycam.HyCAMConfig.variant("nope")

@@ -1,0 +1,92 @@
+"""Gumbel-softmax routing (Eq. 9) and the load-balancing loss (Eq. 10)."""
+
+import torch
+import torch.nn.functional as F
+from conftest import padded_batch, tiny_model
+
+import hycam
+
+
+def seed_readme_balance_loss(all_router_logits, all_gumbel_probs):
+    """The authors' calculate_load_balancing_loss, as their README gives it."""
+    n = all_router_logits.size(-1)
+    softmax = F.softmax(all_router_logits.reshape(-1, n), dim=-1)
+    mean_probs = torch.mean(all_gumbel_probs.reshape(-1, n), dim=0)
+    mean_softmax = torch.mean(softmax, dim=0)
+    return torch.sum(mean_probs * mean_softmax)
+
+
+def test_balance_loss_equals_the_authors_formula():
+    logits = torch.randn(3, 2, 6, 5)
+    probs = torch.softmax(torch.randn(3, 2, 6, 5), -1)
+    torch.testing.assert_close(hycam.load_balancing_loss(logits, probs), seed_readme_balance_loss(logits, probs))
+
+
+def test_balance_loss_ignores_padding_tokens():
+    logits, probs = torch.randn(3, 2, 6, 5), torch.softmax(torch.randn(3, 2, 6, 5), -1)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, :4] = 0
+    keep = mask.bool()
+    expected = seed_readme_balance_loss(logits[:, keep], probs[:, keep])
+    torch.testing.assert_close(hycam.load_balancing_loss(logits, probs, mask), expected)
+
+
+def test_model_balance_loss_is_the_formula_over_all_layers_and_real_tokens(family):
+    model = hycam.apply(tiny_model(family), hycam.HyCAMConfig(rank=8)).train()
+    batch = padded_batch()
+    out = model(**batch)
+    keep = batch["attention_mask"].bool()
+    expected = seed_readme_balance_loss(out.router_logits[:, keep], out.router_probs[:, keep])
+    torch.testing.assert_close(out.balance_loss, expected)
+
+
+def test_uniform_routing_gives_one_over_n():
+    logits = torch.zeros(2, 4, 3, 5)
+    assert abs(hycam.load_balancing_loss(logits, torch.softmax(logits, -1)).item() - 1 / 5) < 1e-6
+
+
+def test_routing_without_noise_is_tempered_softmax():
+    logits = torch.randn(4, 5)
+    probs = hycam.gumbel_route(logits, tau=0.5, noise=False, hard=False)
+    torch.testing.assert_close(probs, torch.softmax(logits / 0.5, -1))
+
+
+def test_gumbel_noise_samples_the_softmax_distribution():
+    # Gumbel-max: argmax(logits + g) is distributed as softmax(logits).
+    logits = torch.tensor([1.0, 0.0, -1.0, 0.5])
+    torch.manual_seed(0)
+    probs = hycam.gumbel_route(logits.expand(40000, 4), tau=0.5, noise=True, hard=False)
+    frequency = torch.bincount(probs.argmax(-1), minlength=4).float() / 40000
+    torch.testing.assert_close(frequency, torch.softmax(logits, -1), atol=0.01, rtol=0)
+
+
+def test_hard_routing_is_one_hot_with_the_soft_gradient():
+    logits = torch.randn(6, 5, requires_grad=True)
+    probs = hycam.gumbel_route(logits, tau=0.5, noise=False, hard=True)
+    assert torch.equal(probs.detach().sum(-1), torch.ones(6)) and set(probs.detach().unique().tolist()) <= {0.0, 1.0}
+    weights = torch.randn(6, 5)
+    (probs * weights).sum().backward()
+    soft = torch.softmax(logits.detach() / 0.5, -1)
+    expected = soft * (weights - (soft * weights).sum(-1, keepdim=True)) / 0.5
+    torch.testing.assert_close(logits.grad, expected)
+
+
+def test_evaluation_is_deterministic_and_training_is_noisy():
+    model = hycam.apply(tiny_model(), hycam.HyCAMConfig(rank=8, init_std=0.3))
+    batch = padded_batch()
+    assert torch.equal(model(**batch).router_probs, model(**batch).router_probs)
+    model.train()
+    assert not torch.equal(model(**batch).router_probs, model(**batch).router_probs)
+
+
+def test_eval_noise_option_keeps_noise_at_evaluation():
+    model = hycam.apply(tiny_model(), hycam.HyCAMConfig(rank=8, eval_noise=True))
+    batch = padded_batch()
+    assert not torch.equal(model(**batch).router_probs, model(**batch).router_probs)
+
+
+def test_balance_loss_alone_trains_the_router():
+    model = hycam.apply(tiny_model(), hycam.HyCAMConfig(rank=8)).train()
+    model(**padded_batch()).balance_loss.backward()
+    router = model.model.layers[1].self_attn.hycam.router.weight
+    assert router.grad is not None and router.grad.abs().sum() > 0

@@ -1,0 +1,102 @@
+"""HyCAM stays correct under what users do with a model: generation with the KV cache, gradient
+checkpointing, SDPA, bf16, mixed-length batches, evaluation under no_grad."""
+
+import pytest
+import torch
+from conftest import padded_batch, tiny_model
+
+import hycam
+
+
+def modulated(family="llama", **config):
+    return hycam.apply(tiny_model(family), hycam.HyCAMConfig(rank=8, init_std=0.3, **config))
+
+
+def test_generation_with_and_without_cache_gives_the_same_tokens(family):
+    model = modulated(family)
+    batch = padded_batch()
+    settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with_cache = model.generate(**batch, use_cache=True, **settings)
+    without = model.generate(**batch, use_cache=False, **settings)
+    assert torch.equal(with_cache, without)
+    assert with_cache.shape[1] == batch["input_ids"].shape[1] + 8
+
+
+def test_cached_decoding_matches_the_full_forward():
+    model = modulated()
+    ids = torch.randint(1, 128, (1, 9))
+    full = model(input_ids=ids).logits[:, -1]
+    past = model(input_ids=ids[:, :-1], use_cache=True).past_key_values
+    step = model(input_ids=ids[:, -1:], past_key_values=past, use_cache=True)
+    torch.testing.assert_close(step.logits[:, -1], full, atol=1e-5, rtol=0)
+    assert step.router_logits.shape == (2, 1, 1, 5)
+
+
+def losses_and_grads(model, batch):
+    torch.manual_seed(7)  # the same Gumbel noise in both runs
+    out = model(**batch, labels=batch["input_ids"])
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in hycam.trainable_parameters(model).items()}
+    return out.loss.detach(), out.balance_loss.detach(), grads
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(family):
+    batch = padded_batch()
+    plain = losses_and_grads(modulated(family).train(), batch)
+    model = modulated(family).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed = losses_and_grads(model, batch)
+    torch.testing.assert_close(checkpointed[:2], plain[:2])
+    torch.testing.assert_close(checkpointed[2], plain[2])
+
+
+def test_balance_loss_reaches_the_router_under_gradient_checkpointing():
+    model = modulated().train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model(**padded_batch()).balance_loss.backward()
+    assert model.model.layers[0].self_attn.hycam.router.weight.grad.abs().sum() > 0
+
+
+def test_reentrant_checkpointing_is_refused_with_the_fix_in_the_message():
+    model = modulated().train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.raises(RuntimeError, match="use_reentrant': False"):
+        model(**padded_batch())
+
+
+def test_sdpa_and_eager_attention_agree():
+    batch = padded_batch()
+    eager = modulated()
+    sdpa = modulated()
+    sdpa.config._attn_implementation = "sdpa"
+    keep = batch["attention_mask"].bool()
+    torch.testing.assert_close(sdpa(**batch).logits[keep], eager(**batch).logits[keep], atol=1e-5, rtol=0)
+
+
+def test_bf16_runs_and_stays_close_to_fp32():
+    batch = padded_batch()
+    reference = modulated()(**batch).logits
+    model = modulated().to(torch.bfloat16)
+    out = model(**batch, labels=batch["input_ids"])
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+    keep = batch["attention_mask"].bool()
+    torch.testing.assert_close(out.logits[keep].float(), reference[keep], atol=0.05, rtol=0.05)
+
+
+def test_padding_does_not_change_a_sequences_outputs():
+    model = modulated()
+    batch = padded_batch()
+    row = 2
+    alone = batch["input_ids"][row : row + 1, batch["attention_mask"][row].bool()]
+    single = model(input_ids=alone)
+    together = model(**batch)
+    keep = batch["attention_mask"][row].bool()
+    torch.testing.assert_close(together.logits[row, keep], single.logits[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(together.router_probs[:, row, keep], single.router_probs[:, 0], atol=1e-5, rtol=0)
+
+
+def test_no_grad_evaluation_builds_no_graph():
+    model = modulated()
+    with torch.no_grad():
+        out = model(**padded_batch())
+    assert not out.logits.requires_grad and not out.balance_loss.requires_grad
