@@ -65,18 +65,32 @@ def base_model_signature(model: nn.Module) -> dict:
 
 def save(model: nn.Module, path: str | Path) -> None:
     """Writes `hycam_config.json` and `hycam_model.safetensors` to the directory `path`, atomically."""
-    params = hycam_parameters(model)
+    tensors = gather_tensors(hycam_parameters(model))
+    write_checkpoint(path, tensors, WEIGHTS_NAME, {CONFIG_NAME: hycam_meta(model)})
+
+
+def hycam_meta(model: nn.Module) -> dict:
+    return {"hycam_config": model.hycam_config.to_dict(), "base_model": base_model_signature(model)}
+
+
+def gather_tensors(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """CPU copies of `params`, gathered first if ZeRO-3 partitioned them (a collective call)."""
     with gathered(list(params.values())):
         tensors = {name: p.detach().to("cpu", copy=True).contiguous() for name, p in params.items()}
     empty = [name for name, t in tensors.items() if t.numel() == 0]
     if empty:
         raise RuntimeError(f"refusing to save empty tensors (partitioned and not gathered?): {empty[:3]}")
-    meta = {"hycam_config": model.hycam_config.to_dict(), "base_model": base_model_signature(model)}
+    return tensors
+
+
+def write_checkpoint(path: str | Path, tensors: dict, weights_name: str, json_files: dict[str, dict]) -> None:
+    """Rank 0 writes the tensors and the JSON files into the directory `path`, atomically."""
     if not _is_writer():
         return
     with atomic_directory(path) as tmp:
-        save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        save_file(tensors, tmp / weights_name, metadata={"format": "pt"})
+        for name, content in json_files.items():
+            (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
 
 
 def load(model: nn.Module, path: str | Path) -> nn.Module:

@@ -42,8 +42,9 @@ def load_tokenizer(model: str, gguf_file: str | None = None):
 
 
 def load_model(model: str, gguf_file: str | None = None, dtype: torch.dtype = torch.float32) -> nn.Module:
-    from transformers import AutoModelForCausalLM
+    import transformers
 
     directory, gguf_file = resolve(model, gguf_file)
-    loaded = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, torch_dtype=dtype)
-    return loaded
+    # transformers 4.56 renamed torch_dtype to dtype
+    key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    return transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, **{key: dtype})

@@ -1,0 +1,149 @@
+"""Every method of the paper's tables behind one interface: prepare, name what trains, save, load.
+
+Methods: HyCAM and its variants (`HyCAMConfig.variant` names), `lora` (peft, all linear layers),
+`multilora`, `riemoe` (hycam.multilora, hycam.riemoe) and `full` fine-tuning.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+import hycam
+from hycam.checkpoint import (CONFIG_NAME, WEIGHTS_NAME, base_model_signature, gather_tensors, hycam_meta,
+                              write_checkpoint)
+from hycam.config import VARIANTS
+
+BASELINES = ("lora", "multilora", "riemoe", "full")
+METHODS = VARIANTS + BASELINES
+METHOD_FILE = "method.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass
+class MethodOptions:
+    """The knobs the methods share; each method reads the ones it has."""
+
+    rank: int = 64
+    """HyCAM's specialized-CAM rank and LoRA's rank (paper: 64)."""
+    num_specialized: int = 5
+    """HyCAM's N_s; also the number of adapters (Multi-LoRA) and experts (RieMoE-LoRA)."""
+    expert_rank: int | None = None
+    """Rank of each Multi-LoRA adapter / RieMoE expert; None: `rank`, as the paper sets every LoRA's."""
+    lora_alpha: float = 32.0
+    """LoRA-family scaling numerator (scale = alpha / rank); 32 is the authors' value."""
+    tau: float = 0.5
+    """Gumbel-softmax temperature (HyCAM)."""
+    balance_coef: float = 0.1
+    """lambda_balance (HyCAM)."""
+    balance_scope: str = "local"
+    """'local' or 'global': the balance loss's means over this rank's tokens or all ranks' (HyCAM)."""
+
+    def expert_rank_or_default(self) -> int:
+        return self.expert_rank or self.rank
+
+
+def prepare(model: nn.Module, method: str, options: MethodOptions) -> nn.Module:
+    """Adds `method` to `model` (in place where possible) and returns the model to train."""
+    if method in VARIANTS:
+        overrides = {"tau": options.tau, "balance_coef": options.balance_coef, "balance_scope": options.balance_scope}
+        if method != "shared_only":
+            overrides["num_specialized"] = options.num_specialized
+        if method not in ("full_spec", "inverse_peft"):
+            overrides["rank"] = options.rank
+        if method == "inverse_peft":
+            overrides["shared_rank"] = options.rank
+        return hycam.apply(model, hycam.HyCAMConfig.variant(method, **overrides))
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=options.rank, lora_alpha=options.lora_alpha, target_modules="all-linear",
+                          lora_dropout=0.0, task_type="CAUSAL_LM")
+        return get_peft_model(model, lora)
+    if method in ("multilora", "riemoe"):
+        from hycam.multilora import apply_multilora
+        from hycam.riemoe import apply_riemoe, register_riemannian_hooks
+
+        settings = dict(rank=options.expert_rank_or_default(), alpha=options.lora_alpha)
+        if method == "multilora":
+            return apply_multilora(model, num_adapters=options.num_specialized, **settings)
+        apply_riemoe(model, num_experts=options.num_specialized, **settings)
+        register_riemannian_hooks(model)
+        return model
+    if method == "full":
+        return model.requires_grad_(True)
+    raise ValueError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+def trainable(model: nn.Module, method: str) -> dict[str, nn.Parameter]:
+    """The parameters `method` trains, by name."""
+    if method in VARIANTS:
+        return hycam.trainable_parameters(model)
+    if method in ("multilora", "riemoe"):
+        from hycam.baselines import adapter_parameters
+
+        return adapter_parameters(model)
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def saved(model: nn.Module, method: str) -> dict[str, nn.Parameter]:
+    """What a checkpoint of `method` holds: the trained weights only (all of them for `full`)."""
+    return hycam.hycam_parameters(model) if method in VARIANTS else trainable(model, method)
+
+
+def save_trained(model: nn.Module, method: str, options: MethodOptions, path: str | Path, info: dict) -> None:
+    """Writes `method.json` and the weights to `path` atomically; HyCAM checkpoints are also
+    `hycam.load`-able (ZeRO-3 aware: every rank must call this)."""
+    tensors = gather_tensors(saved(model, method))
+    meta = {"method": method, "options": asdict(options), "base_model": base_model_signature(model), **info}
+    if method in VARIANTS:
+        write_checkpoint(path, tensors, WEIGHTS_NAME, {METHOD_FILE: meta, CONFIG_NAME: hycam_meta(model)})
+    else:
+        write_checkpoint(path, tensors, WEIGHTS_FILE, {METHOD_FILE: meta})
+
+
+def read_method(path: str | Path) -> dict:
+    file = Path(path) / METHOD_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{path} is not a trained checkpoint: {METHOD_FILE} is missing")
+    meta = json.loads(file.read_text())
+    if meta.get("method") not in METHODS:
+        raise ValueError(f"{file}: unknown method {meta.get('method')!r}")
+    return meta
+
+
+def load_into(model: nn.Module, path: str | Path) -> nn.Module:
+    """Prepares `model` for the checkpoint's method and loads its weights; returns the model."""
+    meta, file = read_method(path), Path(path) / WEIGHTS_FILE
+    if meta["base_model"] != base_model_signature(model):
+        raise ValueError(f"{path} was trained on base model {meta['base_model']}, not on {base_model_signature(model)}")
+    if meta["method"] in VARIANTS:
+        return hycam.load(model, path)
+    model = prepare(model, meta["method"], MethodOptions(**meta["options"]))
+    params, tensors = saved(model, meta["method"]), load_file(file)
+    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+    if missing or unexpected:
+        raise ValueError(f"{file} does not match the {meta['method']} model: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(tensors[name])
+    return model
+
+
+def load_trained(checkpoint: str | Path, base_model: str | None = None, device: str = "cpu"):
+    """Rebuilds a trained model from a checkpoint dir of `main.py`: (model, tokenizer, meta)."""
+    from hycam.models import load_model, load_tokenizer
+
+    meta = read_method(checkpoint)
+    model_name = base_model or meta.get("model")
+    if model_name is None:
+        raise ValueError(f"{checkpoint}: the base model is not recorded; pass it explicitly")
+    gguf = meta.get("gguf_file") if base_model is None else None
+    model = load_into(load_model(model_name, gguf), checkpoint)
+    return model.to(device).eval(), load_tokenizer(model_name, gguf), meta

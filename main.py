@@ -1,0 +1,216 @@
+"""Multi-task supervised fine-tuning with DeepSpeed: HyCAM, its ablations and the paper's baselines.
+
+    python main.py --config configs/cpu_smollm2.yaml            # one process (CPU or one GPU)
+    deepspeed main.py --config configs/qwen2.5-0.5b.yaml        # every GPU of this machine
+    bash run_model_base.sh --help                               # multi-GPU / multi-node launcher
+
+Loss: L_task + lambda_balance * L_balance (paper Eq. 13; the model adds the second term).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from hycam import methods
+from hycam.models import load_model, load_tokenizer
+from hycam.prompts import collate, multitask_batches
+from hycam.train_config import TrainConfig, parse_args
+from hycam.training import (MetricsLog, cosine_with_warmup, deepspeed_config, init_distributed, prepare_splits,
+                            validation_loss)
+
+
+@dataclass
+class Progress:
+    """Where the run is; saved with every resume state."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch: int = 0  # micro-batches of this epoch done
+    best: float = math.inf  # best validation loss
+    bad_evals: int = 0  # evaluations since the best one
+    tokens: int = 0
+
+
+def main(argv: list[str] | None = None) -> tuple[Progress, torch.nn.Module]:
+    """Trains as `argv` says; returns where the run stopped and the trained model."""
+    import deepspeed
+
+    cfg = parse_args(argv)
+    rank, world = init_distributed()
+    out = Path(cfg.output_dir)
+    log = (lambda msg: tqdm.write(f"[hycam] {msg}")) if rank == 0 else (lambda msg: None)
+    _check_output_dir(out, cfg.resume)
+
+    torch.manual_seed(cfg.seed)  # the same adapter initialisation on every rank
+    tokenizer = load_tokenizer(cfg.model, cfg.gguf_file)
+    splits = prepare_splits(cfg, tokenizer, log)
+    model = load_model(cfg.model, cfg.gguf_file)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    options = methods.MethodOptions(rank=cfg.rank, num_specialized=cfg.num_specialized, expert_rank=cfg.expert_rank,
+                                    lora_alpha=cfg.lora_alpha, tau=cfg.tau, balance_coef=cfg.balance_coef,
+                                    balance_scope=cfg.balance_scope)
+    model = methods.prepare(model, cfg.method, options)
+    params = methods.trainable(model, cfg.method)
+    log(f"{cfg.method}: {sum(p.numel() for p in params.values()):,} trainable of "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters")
+
+    batches_per_epoch = len(multitask_batches(splits["train"], cfg.micro_batch_size * world, cfg.seed, 0,
+                                              drop_last=world > 1))
+    total = cfg.max_steps or max(1, cfg.epochs * batches_per_epoch // cfg.grad_accum)
+    warmup = int(cfg.warmup_ratio * total)
+    decay = [p for p in params.values() if p.dim() >= 2]
+    no_decay = [p for p in params.values() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: cosine_with_warmup(s, total, warmup, cfg.min_lr_ratio))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                      config=deepspeed_config(cfg, world))
+
+    progress = _load_resume(engine, out) if cfg.resume else Progress()
+    metrics = MetricsLog(out, enabled=rank == 0)
+    if rank == 0 and not cfg.resume:
+        info = {**asdict(cfg), "world_size": world, "trainable_parameters": sum(p.numel() for p in params.values())}
+        (out / "run_config.json").write_text(json.dumps(info, indent=2) + "\n")
+    meta = {"model": cfg.model, "gguf_file": cfg.gguf_file, "seed": cfg.seed, "template": cfg.template,
+            "pad_id": tokenizer.pad_token_id}
+    pad_id = tokenizer.pad_token_id
+    bar = tqdm(total=total, initial=progress.step, disable=rank != 0, desc=cfg.method, dynamic_ncols=True)
+    start, stop = time.time(), None
+
+    while stop is None:
+        batches = multitask_batches(splits["train"], cfg.micro_batch_size * world, cfg.seed, progress.epoch,
+                                    drop_last=world > 1)
+        for index in range(progress.batch, len(batches)):
+            if progress.batch % cfg.grad_accum == 0:  # a new optimizer step: its own routing noise
+                torch.manual_seed(cfg.seed * 1_000_003 + progress.step * 101 + rank)
+            mine = batches[index][rank * cfg.micro_batch_size : (rank + 1) * cfg.micro_batch_size]
+            batch = collate(mine, pad_id)
+            batch.pop("task")
+            batch = {k: v.to(engine.device) for k, v in batch.items()}
+            output = engine(**batch)
+            _stop_if_not_finite(output.loss, progress, out, rank)
+            engine.backward(output.loss)
+            engine.step()
+            progress.batch += 1
+            progress.tokens += int(batch["attention_mask"].sum()) * world
+            if progress.batch % cfg.grad_accum:
+                continue
+            progress.step += 1
+            bar.update(1)
+            record = {"step": progress.step, "split": "train", "loss": output.loss.item(),
+                      "task_loss": _item(output.get("task_loss", output.loss)),
+                      "balance_loss": _item(output.get("balance_loss")), "lr": scheduler.get_last_lr()[0],
+                      "tokens_per_s": progress.tokens / (time.time() - start)}
+            bar.set_postfix(loss=f"{record['loss']:.3f}", bal=f"{record['balance_loss']:.3f}",
+                            lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if progress.step % cfg.log_interval == 0:
+                metrics.write(record)
+            if progress.step % cfg.eval_interval == 0 or progress.step >= total:
+                stop = _evaluate(engine, cfg, splits, progress, options, metrics, meta, rank, world, log)
+            if progress.step >= total:
+                stop = stop or "reached the last step"
+            if cfg.halt_after_steps is not None and progress.step >= cfg.halt_after_steps:
+                log(f"halting after step {progress.step} as asked (--halt_after_steps): resume with --resume")
+                return progress, engine.module
+            if stop:
+                break
+        else:
+            progress.epoch, progress.batch = progress.epoch + 1, 0
+
+    bar.close()
+    methods.save_trained(engine.module, cfg.method, options, out / "last", {**meta, "step": progress.step})
+    log(f"stopped: {stop}. best validation loss {progress.best:.4f}; checkpoints in {out}/best and {out}/last")
+    if rank == 0:
+        (out / "summary.json").write_text(json.dumps({**asdict(progress), "stop": stop}, indent=2) + "\n")
+    metrics.close()
+    return progress, engine.module
+
+
+def _evaluate(engine, cfg: TrainConfig, splits, progress: Progress, options, metrics, meta, rank, world, log):
+    """Validation loss, best checkpoint, resume state and early stopping; returns a reason to stop."""
+    batch_size = cfg.eval_batch_size or 2 * cfg.micro_batch_size
+    result = validation_loss(engine, splits["validation"], batch_size, meta["pad_id"], rank, world)
+    metrics.write({"step": progress.step, "split": "validation", **result})
+    log(f"step {progress.step}: validation loss {result['loss']:.4f} "
+        + " ".join(f"{t}={v:.3f}" for t, v in result["tasks"].items()))
+    if result["loss"] < progress.best:
+        progress.best, progress.bad_evals = result["loss"], 0
+        methods.save_trained(engine.module, cfg.method, options, Path(cfg.output_dir) / "best",
+                             {**meta, "step": progress.step, "validation_loss": result["loss"]})
+    else:
+        progress.bad_evals += 1
+    _save_resume(engine, Path(cfg.output_dir), progress, rank)
+    if cfg.patience and progress.bad_evals >= cfg.patience:
+        return f"early stopping: no better validation loss in {cfg.patience} evaluations"
+    return None
+
+
+def _save_resume(engine, out: Path, progress: Progress, rank: int) -> None:
+    """DeepSpeed state (trainable weights, optimizer, schedule) swapped in whole, never half-written."""
+    tmp, final = out / ".resume.tmp", out / "resume"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    engine.save_checkpoint(str(tmp), tag="state", client_state={"progress": asdict(progress)},
+                           exclude_frozen_parameters=True)
+    dist.barrier()
+    if rank == 0:
+        old = out / ".resume.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def _load_resume(engine, out: Path) -> Progress:
+    if not (out / "resume").is_dir():
+        raise FileNotFoundError(f"--resume: {out}/resume does not exist (no evaluation finished before the stop)")
+    _, client = engine.load_checkpoint(str(out / "resume"), tag="state", load_module_strict=False)
+    progress = Progress(**client["progress"])
+    _truncate_metrics(out / "metrics.jsonl", progress.step)
+    return progress
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drops the lines logged after the resume point, which the resumed run logs again."""
+    if dist.get_rank() != 0 or not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+def _check_output_dir(out: Path, resume: bool) -> None:
+    if not resume and (out / "metrics.jsonl").exists():
+        raise FileExistsError(f"--output_dir {out} already holds a run: pass --resume, or choose another directory")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _stop_if_not_finite(loss: torch.Tensor, progress: Progress, out: Path, rank: int) -> None:
+    bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=loss.device)
+    dist.all_reduce(bad)
+    if bad.item():
+        raise SystemExit(f"[hycam] rank {rank}: the loss is {loss.item()} at step {progress.step + 1}; stopping. "
+                         f"The last good checkpoints are kept in {out}/best and {out}/resume.")
+
+
+def _item(value) -> float:
+    return float("nan") if value is None else float(value)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

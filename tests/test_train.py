@@ -1,0 +1,105 @@
+"""main.py through the real DeepSpeed engine on CPU: every method trains, resumes, runs on 2 ranks."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import main as train
+from hycam import methods
+from hycam.data import DataError
+
+FAST = ["--max_records_per_task", "3", "--max_length", "512", "--micro_batch_size", "2", "--grad_accum", "1",
+        "--rank", "8", "--num_specialized", "3", "--warmup_ratio", "0", "--max_eval_records_per_task", "1",
+        "--patience", "0"]
+
+
+def run(model_dir, data, out, *extra):
+    return train.main(["--model", str(model_dir), "--data", str(data), "--output_dir", str(out), *FAST, *extra])
+
+
+def backbone_name(name: str) -> str:
+    """A parameter's name in the plain model, whatever wrapper a method put around its module."""
+    return name.removeprefix("base_model.model.").replace(".base_layer.", ".").replace(".base.", ".")
+
+
+@pytest.mark.parametrize("method", methods.METHODS)
+def test_each_method_lowers_the_loss_and_changes_only_its_parameters(method, tiny_model_dir, shared_data, tmp_path):
+    lr = "1e-3" if method == "full" else "2e-2"
+    _, model = run(tiny_model_dir, shared_data, tmp_path, "--method", method, "--max_steps", "12",
+                   "--eval_interval", "12", "--lr", lr, "--epochs", "100")
+    losses = [json.loads(line)["task_loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+              if '"train"' in line]
+    assert sum(losses[-3:]) < sum(losses[:3])
+    base = dict(AutoModelForCausalLM.from_pretrained(tiny_model_dir).named_parameters())
+    trained, owned = methods.trainable(model, method), methods.saved(model, method)
+    for name, param in model.named_parameters():
+        if name in trained:
+            continue
+        if backbone_name(name) in base:
+            assert torch.equal(param.detach(), base[backbone_name(name)].detach()), name
+        else:  # a frozen part of the method itself (the authors' untrained router)
+            assert name in owned, name
+
+
+def test_checkpoints_hold_the_trained_weights_only(tiny_model_dir, shared_data, tmp_path):
+    _, model = run(tiny_model_dir, shared_data, tmp_path, "--max_steps", "2", "--eval_interval", "2")
+    saved = load_file(tmp_path / "last" / "hycam_model.safetensors")
+    assert set(saved) == set(methods.saved(model, "hycam"))
+    reloaded = methods.load_into(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "last")
+    ids = torch.randint(0, 300, (1, 10))
+    model.eval()
+    assert torch.equal(reloaded.eval()(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_resume_after_an_interruption_reaches_the_same_weights(tiny_model_dir, shared_data, tmp_path):
+    schedule = ["--max_steps", "6", "--eval_interval", "2", "--lr", "1e-2", "--epochs", "100"]
+    run(tiny_model_dir, shared_data, tmp_path / "straight", *schedule)
+    run(tiny_model_dir, shared_data, tmp_path / "resumed", *schedule, "--halt_after_steps", "5")
+    assert not (tmp_path / "resumed" / "last").exists()
+    run(tiny_model_dir, shared_data, tmp_path / "resumed", *schedule, "--resume", "true")
+    straight = load_file(tmp_path / "straight" / "last" / "hycam_model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "last" / "hycam_model.safetensors")
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+             if '"train"' in line]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_malformed_task_file_stops_before_training_with_file_and_line(tiny_model_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    good = json.dumps({"task": "t", "instruction": "i", "input": "", "output": "o"})
+    bad.write_text(good + "\n" + '{"task": "t", "instruction": 3}\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl.*line 2|bad\.jsonl:2"):
+        run(tiny_model_dir, bad, tmp_path / "out", "--max_steps", "1")
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_an_existing_run_is_not_overwritten(tiny_model_dir, shared_data, tmp_path):
+    run(tiny_model_dir, shared_data, tmp_path, "--max_steps", "1", "--eval_interval", "1")
+    with pytest.raises(FileExistsError, match="--resume"):
+        run(tiny_model_dir, shared_data, tmp_path, "--max_steps", "1")
+
+
+def test_two_cpu_processes_train_and_save_one_checkpoint(tiny_model_dir, shared_data, tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+               str(REPO / "main.py"), "--model", str(tiny_model_dir), "--data", str(shared_data),
+               "--output_dir", str(tmp_path), *FAST, "--max_steps", "3", "--eval_interval", "3",
+               "--balance_scope", "global", "--lr", "1e-2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    config = json.loads((tmp_path / "run_config.json").read_text())
+    assert config["world_size"] == 2
+    assert sorted(p.name for p in (tmp_path / "last").iterdir()) == ["hycam_config.json", "hycam_model.safetensors",
+                                                                      "method.json"]
+    train_steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in train_steps if r["split"] == "train"] == [1, 2, 3]
