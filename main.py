@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> tuple[Progress, torch.nn.Module]:
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                       config=deepspeed_config(cfg, world))
 
+    engine.train()  # from_pretrained returns the model in eval mode: no routing noise, no dropout
     progress = _load_resume(engine, out) if cfg.resume else Progress()
     metrics = MetricsLog(out, enabled=rank == 0)
     if rank == 0 and not cfg.resume:
@@ -144,6 +145,9 @@ def _evaluate(engine, cfg: TrainConfig, splits, progress: Progress, options, met
     batch_size = cfg.eval_batch_size or 2 * cfg.micro_batch_size
     result = validation_loss(engine, splits["validation"], batch_size, meta["pad_id"], rank, world)
     metrics.write({"step": progress.step, "split": "validation", **result})
+    if not math.isfinite(result["loss"]):
+        raise SystemExit(f"[hycam] the validation loss is {result['loss']} at step {progress.step}; stopping. "
+                         f"The last good checkpoints are kept in {cfg.output_dir}/best and {cfg.output_dir}/resume.")
     log(f"step {progress.step}: validation loss {result['loss']:.4f} "
         + " ".join(f"{t}={v:.3f}" for t, v in result["tasks"].items()))
     if result["loss"] < progress.best:
@@ -209,7 +213,7 @@ def _stop_if_not_finite(loss: torch.Tensor, progress: Progress, out: Path, rank:
 
 
 def _item(value) -> float:
-    return float("nan") if value is None else float(value)
+    return float("nan") if value is None else float(value.detach())
 
 
 if __name__ == "__main__":

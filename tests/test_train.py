@@ -103,3 +103,32 @@ def test_two_cpu_processes_train_and_save_one_checkpoint(tiny_model_dir, shared_
                                                                       "method.json"]
     train_steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in train_steps if r["split"] == "train"] == [1, 2, 3]
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_model_dir, shared_data, tmp_path,
+                                                                   monkeypatch):
+    prepare, calls = methods.prepare, []
+
+    def poisoned(model, method, options):  # training forwards after the 4th return NaN logits
+        model = prepare(model, method, options)
+        model.lm_head.register_forward_hook(
+            lambda m, i, out: out * float("nan") if m.training and calls.append(1) is None and len(calls) > 4 else out)
+        return model
+
+    monkeypatch.setattr(methods, "prepare", poisoned)
+    with pytest.raises(SystemExit, match="the loss is nan at step 5"):
+        run(tiny_model_dir, shared_data, tmp_path, "--max_steps", "8", "--eval_interval", "2", "--epochs", "100")
+    good = json.loads((tmp_path / "best" / "method.json").read_text())
+    assert good["step"] in (2, 4) and (tmp_path / "resume").is_dir()
+    assert not (tmp_path / "last").exists()
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_stages_train_and_save_whole_tensors(stage, tiny_model_dir, shared_data, tmp_path):
+    _, model = run(tiny_model_dir, shared_data, tmp_path, "--zero_stage", str(stage), "--max_steps", "2",
+                   "--eval_interval", "2", "--lr", "1e-2")
+    saved = load_file(tmp_path / "last" / "hycam_model.safetensors")
+    expected = {name: p.ds_shape if hasattr(p, "ds_shape") else p.shape
+                for name, p in methods.saved(model, "hycam").items()}
+    assert {name: tuple(t.shape) for name, t in saved.items()} == {n: tuple(s) for n, s in expected.items()}
+    assert all(t.abs().sum() > 0 for name, t in saved.items() if name.endswith("shared.weight"))
