@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -274,3 +274,14 @@ def synthetic_tasks(num_per_task: int, seed: int) -> list[Record]:
             raise ValueError(f"synthetic_tasks: cannot make {num_per_task} distinct {task!r} records")
         records.extend(found.values())
     return records
+
+
+def first_per_task(records: Sequence[Record], limit: int) -> list[Record]:
+    """The first `limit` records of each task, in the given order (so not dependent on a seed)."""
+    seen: Counter = Counter()
+    kept = []
+    for record in records:
+        seen[record.task] += 1
+        if seen[record.task] <= limit:
+            kept.append(record)
+    return kept

@@ -6,14 +6,13 @@ import json
 import math
 import os
 import socket
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from hycam.data import Record, load_records, split_records, synthetic_tasks
+from hycam.data import Record, first_per_task, load_records, split_records, synthetic_tasks
 from hycam.prompts import collate, tokenize_records
 from hycam.train_config import TrainConfig
 
@@ -42,19 +41,14 @@ def load_task_records(cfg: TrainConfig, log) -> list[Record]:
         raise FileNotFoundError(f"--data: none of {cfg.data} exists")
     if cfg.max_records_per_task is None:
         return records
-    kept, seen = [], defaultdict(int)
-    for record in records:  # the file order, so the subset does not depend on the seed
-        seen[record.task] += 1
-        if seen[record.task] <= cfg.max_records_per_task:
-            kept.append(record)
-    return kept
+    return first_per_task(records, cfg.max_records_per_task)
 
 
 def prepare_splits(cfg: TrainConfig, tokenizer, log) -> dict[str, list[dict]]:
     """Tokenised train and validation examples (the test split is left to the evaluation)."""
     splits = split_records(load_task_records(cfg, log), seed=cfg.seed, fold=cfg.fold, num_folds=cfg.num_folds)
     if cfg.max_eval_records_per_task is not None:
-        splits["validation"] = _first_per_task(splits["validation"], cfg.max_eval_records_per_task)
+        splits["validation"] = first_per_task(splits["validation"], cfg.max_eval_records_per_task)
     out = {}
     for name in ("train", "validation"):
         examples, stats = tokenize_records(splits[name], tokenizer, cfg.max_length, template=cfg.template,
@@ -64,16 +58,6 @@ def prepare_splits(cfg: TrainConfig, tokenizer, log) -> dict[str, list[dict]]:
             raise ValueError(f"the {name} split is empty after tokenisation (--max_length {cfg.max_length}?)")
         out[name] = examples
     return out
-
-
-def _first_per_task(records: list[Record], limit: int) -> list[Record]:
-    seen = defaultdict(int)
-    kept = []
-    for record in records:
-        seen[record.task] += 1
-        if seen[record.task] <= limit:
-            kept.append(record)
-    return kept
 
 
 def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
