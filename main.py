@@ -41,15 +41,49 @@ class Progress:
     tokens: int = 0
 
 
+@dataclass
+class Run:
+    """What every part of the loop reads."""
+
+    cfg: TrainConfig
+    rank: int
+    world: int
+    engine: object
+    options: methods.MethodOptions
+    splits: dict
+    meta: dict  # recorded in every checkpoint's method.json
+    total: int  # optimizer steps of the schedule
+    log: object
+    metrics: MetricsLog | None = None
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.output_dir)
+
+
 def main(argv: list[str] | None = None) -> tuple[Progress, torch.nn.Module]:
     """Trains as `argv` says; returns where the run stopped and the trained model."""
-    import deepspeed
-
     cfg = parse_args(argv)
     rank, world = init_distributed()
-    out = Path(cfg.output_dir)
     log = (lambda msg: tqdm.write(f"[hycam] {msg}")) if rank == 0 else (lambda msg: None)
-    _check_output_dir(out, cfg.resume)
+    _check_output_dir(Path(cfg.output_dir), cfg.resume)
+    run = setup(cfg, rank, world, log)
+    progress = _load_resume(run.engine, run.out) if cfg.resume else Progress()
+    run.metrics = MetricsLog(run.out, enabled=rank == 0)
+    stop = train(run, progress)
+    if stop is not None:
+        methods.save_trained(run.engine.module, cfg.method, run.options, run.out / "last",
+                             {**run.meta, "step": progress.step})
+        log(f"stopped: {stop}. best validation loss {progress.best:.4f}; checkpoints in {run.out}/best, /last")
+        if rank == 0:
+            (run.out / "summary.json").write_text(json.dumps({**asdict(progress), "stop": stop}, indent=2) + "\n")
+    run.metrics.close()
+    return progress, run.engine.module
+
+
+def setup(cfg: TrainConfig, rank: int, world: int, log) -> Run:
+    """Data, model with the method, AdamW with the cosine schedule, and the DeepSpeed engine."""
+    import deepspeed
 
     torch.manual_seed(cfg.seed)  # the same adapter initialisation on every rank
     tokenizer = load_tokenizer(cfg.model, cfg.gguf_file)
@@ -63,100 +97,101 @@ def main(argv: list[str] | None = None) -> tuple[Progress, torch.nn.Module]:
                                     balance_scope=cfg.balance_scope)
     model = methods.prepare(model, cfg.method, options)
     params = methods.trainable(model, cfg.method)
-    log(f"{cfg.method}: {sum(p.numel() for p in params.values()):,} trainable of "
-        f"{sum(p.numel() for p in model.parameters()):,} parameters")
+    trainable = sum(p.numel() for p in params.values())
+    log(f"{cfg.method}: {trainable:,} trainable of {sum(p.numel() for p in model.parameters()):,} parameters")
 
-    batches_per_epoch = len(multitask_batches(splits["train"], cfg.micro_batch_size * world, cfg.seed, 0,
-                                              drop_last=world > 1))
-    total = cfg.max_steps or max(1, cfg.epochs * batches_per_epoch // cfg.grad_accum)
-    warmup = int(cfg.warmup_ratio * total)
-    decay = [p for p in params.values() if p.dim() >= 2]
-    no_decay = [p for p in params.values() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    batches = len(multitask_batches(splits["train"], cfg.micro_batch_size * world, cfg.seed, 0, drop_last=world > 1))
+    total = cfg.max_steps or max(1, cfg.epochs * batches // cfg.grad_accum)
+    groups = [{"params": [p for p in params.values() if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params.values() if p.dim() < 2], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: cosine_with_warmup(s, total, warmup, cfg.min_lr_ratio))
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+    warmup = int(cfg.warmup_ratio * total)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, total, warmup,
+                                                                                         cfg.min_lr_ratio))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                       config=deepspeed_config(cfg, world))
-
     engine.train()  # from_pretrained returns the model in eval mode: no routing noise, no dropout
-    progress = _load_resume(engine, out) if cfg.resume else Progress()
-    metrics = MetricsLog(out, enabled=rank == 0)
     if rank == 0 and not cfg.resume:
-        info = {**asdict(cfg), "world_size": world, "trainable_parameters": sum(p.numel() for p in params.values())}
-        (out / "run_config.json").write_text(json.dumps(info, indent=2) + "\n")
+        info = {**asdict(cfg), "world_size": world, "trainable_parameters": trainable}
+        (Path(cfg.output_dir) / "run_config.json").write_text(json.dumps(info, indent=2) + "\n")
     meta = {"model": cfg.model, "gguf_file": cfg.gguf_file, "seed": cfg.seed, "template": cfg.template,
             "pad_id": tokenizer.pad_token_id}
-    pad_id = tokenizer.pad_token_id
-    bar = tqdm(total=total, initial=progress.step, disable=rank != 0, desc=cfg.method, dynamic_ncols=True)
-    start, stop = time.time(), None
+    return Run(cfg, rank, world, engine, options, splits, meta, total, log)
 
-    while stop is None:
-        batches = multitask_batches(splits["train"], cfg.micro_batch_size * world, cfg.seed, progress.epoch,
-                                    drop_last=world > 1)
+
+def train(run: Run, progress: Progress) -> str | None:
+    """The loop; returns why it stopped, or None when --halt_after_steps cut it short."""
+    cfg = run.cfg
+    bar = tqdm(total=run.total, initial=progress.step, disable=run.rank != 0, desc=cfg.method, dynamic_ncols=True)
+    start = time.time()
+    while True:
+        batches = multitask_batches(run.splits["train"], cfg.micro_batch_size * run.world, cfg.seed, progress.epoch,
+                                    drop_last=run.world > 1)
         for index in range(progress.batch, len(batches)):
             if progress.batch % cfg.grad_accum == 0:  # a new optimizer step: its own routing noise
-                torch.manual_seed(cfg.seed * 1_000_003 + progress.step * 101 + rank)
-            mine = batches[index][rank * cfg.micro_batch_size : (rank + 1) * cfg.micro_batch_size]
-            batch = collate(mine, pad_id)
-            batch.pop("task")
-            batch = {k: v.to(engine.device) for k, v in batch.items()}
-            output = engine(**batch)
-            _stop_if_not_finite(output.loss, progress, out, rank)
-            engine.backward(output.loss)
-            engine.step()
-            progress.batch += 1
-            progress.tokens += int(batch["attention_mask"].sum()) * world
+                torch.manual_seed(cfg.seed * 1_000_003 + progress.step * 101 + run.rank)
+            mine = batches[index][run.rank * cfg.micro_batch_size : (run.rank + 1) * cfg.micro_batch_size]
+            output = _micro_step(run, mine, progress)
             if progress.batch % cfg.grad_accum:
                 continue
             progress.step += 1
+            record = _train_record(run, output, progress, time.time() - start)
             bar.update(1)
-            record = {"step": progress.step, "split": "train", "loss": output.loss.item(),
-                      "task_loss": _item(output.get("task_loss", output.loss)),
-                      "balance_loss": _item(output.get("balance_loss")), "lr": scheduler.get_last_lr()[0],
-                      "tokens_per_s": progress.tokens / (time.time() - start)}
             bar.set_postfix(loss=f"{record['loss']:.3f}", bal=f"{record['balance_loss']:.3f}",
                             lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
             if progress.step % cfg.log_interval == 0:
-                metrics.write(record)
-            if progress.step % cfg.eval_interval == 0 or progress.step >= total:
-                stop = _evaluate(engine, cfg, splits, progress, options, metrics, meta, rank, world, log)
-            if progress.step >= total:
+                run.metrics.write(record)
+            stop = None
+            if progress.step % cfg.eval_interval == 0 or progress.step >= run.total:
+                stop = _evaluate(run, progress)
+            if progress.step >= run.total:
                 stop = stop or "reached the last step"
             if cfg.halt_after_steps is not None and progress.step >= cfg.halt_after_steps:
-                log(f"halting after step {progress.step} as asked (--halt_after_steps): resume with --resume")
-                return progress, engine.module
+                run.log(f"halting after step {progress.step} as asked (--halt_after_steps): resume with --resume")
+                return None
             if stop:
-                break
-        else:
-            progress.epoch, progress.batch = progress.epoch + 1, 0
-
-    bar.close()
-    methods.save_trained(engine.module, cfg.method, options, out / "last", {**meta, "step": progress.step})
-    log(f"stopped: {stop}. best validation loss {progress.best:.4f}; checkpoints in {out}/best and {out}/last")
-    if rank == 0:
-        (out / "summary.json").write_text(json.dumps({**asdict(progress), "stop": stop}, indent=2) + "\n")
-    metrics.close()
-    return progress, engine.module
+                bar.close()
+                return stop
+        progress.epoch, progress.batch = progress.epoch + 1, 0
 
 
-def _evaluate(engine, cfg: TrainConfig, splits, progress: Progress, options, metrics, meta, rank, world, log):
+def _micro_step(run: Run, examples: list[dict], progress: Progress):
+    batch = collate(examples, run.meta["pad_id"])
+    batch.pop("task")
+    batch = {k: v.to(run.engine.device) for k, v in batch.items()}
+    output = run.engine(**batch)
+    _stop_if_not_finite(output.loss, progress, run.out, run.rank)
+    run.engine.backward(output.loss)
+    run.engine.step()
+    progress.batch += 1
+    progress.tokens += int(batch["attention_mask"].sum()) * run.world
+    return output
+
+
+def _train_record(run: Run, output, progress: Progress, seconds: float) -> dict:
+    return {"step": progress.step, "split": "train", "loss": _item(output.loss),
+            "task_loss": _item(output.get("task_loss", output.loss)), "balance_loss": _item(output.get("balance_loss")),
+            "lr": run.engine.get_lr()[0], "tokens_per_s": progress.tokens / seconds}
+
+
+def _evaluate(run: Run, progress: Progress) -> str | None:
     """Validation loss, best checkpoint, resume state and early stopping; returns a reason to stop."""
+    cfg = run.cfg
     batch_size = cfg.eval_batch_size or 2 * cfg.micro_batch_size
-    result = validation_loss(engine, splits["validation"], batch_size, meta["pad_id"], rank, world)
-    metrics.write({"step": progress.step, "split": "validation", **result})
+    result = validation_loss(run.engine, run.splits["validation"], batch_size, run.meta["pad_id"], run.rank, run.world)
+    run.metrics.write({"step": progress.step, "split": "validation", **result})
     if not math.isfinite(result["loss"]):
         raise SystemExit(f"[hycam] the validation loss is {result['loss']} at step {progress.step}; stopping. "
-                         f"The last good checkpoints are kept in {cfg.output_dir}/best and {cfg.output_dir}/resume.")
-    log(f"step {progress.step}: validation loss {result['loss']:.4f} "
-        + " ".join(f"{t}={v:.3f}" for t, v in result["tasks"].items()))
+                         f"The last good checkpoints are kept in {run.out}/best and {run.out}/resume.")
+    run.log(f"step {progress.step}: validation loss {result['loss']:.4f} "
+            + " ".join(f"{t}={v:.3f}" for t, v in result["tasks"].items()))
     if result["loss"] < progress.best:
         progress.best, progress.bad_evals = result["loss"], 0
-        methods.save_trained(engine.module, cfg.method, options, Path(cfg.output_dir) / "best",
-                             {**meta, "step": progress.step, "validation_loss": result["loss"]})
+        methods.save_trained(run.engine.module, cfg.method, run.options, run.out / "best",
+                             {**run.meta, "step": progress.step, "validation_loss": result["loss"]})
     else:
         progress.bad_evals += 1
-    _save_resume(engine, Path(cfg.output_dir), progress, rank)
+    _save_resume(run.engine, run.out, progress, run.rank)
     if cfg.patience and progress.bad_evals >= cfg.patience:
         return f"early stopping: no better validation loss in {cfg.patience} evaluations"
     return None
