@@ -1,0 +1,100 @@
+"""The two passes an evaluation makes over a model: response-token NLL, and batched greedy decoding.
+
+Both sort the examples by length before batching, so a batch holds examples of similar length and
+little padding; results are put back in the input order. Neither draws random numbers: with
+deterministic routing (HyCAM's default at eval) the same model and data give the same numbers.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from hycam.data import IGNORE_INDEX, collate
+
+
+def _batches_by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length, longest first (a too-large batch fails early)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def _progress(batches: list, desc: str, show: bool) -> Iterator:
+    return iter(tqdm(batches, desc=desc, unit="batch", disable=not show, leave=False))
+
+
+@torch.no_grad()
+def response_nll(model: nn.Module, examples: Sequence[dict], pad_token_id: int, batch_size: int = 4,
+                 progress: bool = False) -> dict[str, tuple[float, int]]:
+    """Per task: the summed NLL (natural log) of every response token, and how many there were.
+
+    `examples` come from `hycam.data.tokenize_record(s)`; labels are -100 except on the tokens to
+    score. Right padding (`collate`) leaves the scored tokens' logits untouched under causal
+    attention. Each row's cross-entropy is taken on its own, in float32, so that memory stays at
+    one row's `[L, vocab]` beyond the logits themselves.
+    """
+    device = next(model.parameters()).device
+    totals: dict[str, list] = defaultdict(lambda: [0.0, 0])
+    batches = _batches_by_length([len(e["input_ids"]) for e in examples], batch_size)
+    for indices in _progress(batches, "ppl", progress):
+        batch = collate([examples[i] for i in indices], pad_token_id)
+        logits = model(input_ids=batch["input_ids"].to(device),
+                       attention_mask=batch["attention_mask"].to(device)).logits  # (B, L, V)
+        labels = batch["labels"].to(device)
+        for row, task in enumerate(batch["task"]):
+            target = labels[row, 1:]  # token t is predicted from position t - 1
+            nll = F.cross_entropy(logits[row, :-1].float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
+            totals[task][0] += float(nll)
+            totals[task][1] += int((target != IGNORE_INDEX).sum())
+    return {task: (nll, count) for task, (nll, count) in totals.items()}
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """`input_ids` and `attention_mask` with every prompt ending at the last column, as decoding needs."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_token_id] * (width - len(p)) + list(p) for p in prompts], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _until_stop(tokens: list[int], stop: set[int], pad_token_id: int) -> list[int]:
+    """The generated tokens before the first stop token (or, if none, without trailing padding)."""
+    for position, token in enumerate(tokens):
+        if token in stop:
+            return tokens[:position]
+    while tokens and tokens[-1] == pad_token_id:
+        tokens = tokens[:-1]
+    return tokens
+
+
+@torch.no_grad()
+def greedy_generate(model: nn.Module, prompts: Sequence[Sequence[int]], pad_token_id: int,
+                    eos_token_ids: Sequence[int], max_new_tokens: int = 128, batch_size: int = 8,
+                    progress: bool = False) -> list[list[int]]:
+    """Greedy continuations of `prompts` (token ids), in input order, each cut before its first EOS.
+
+    Batches are left-padded so every prompt's next token is the same column, and decoding uses the
+    KV cache; the tokens equal those of decoding each prompt on its own (tested).
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("greedy_generate: a prompt has no tokens")
+    device = next(model.parameters()).device
+    results: list[list[int]] = [[] for _ in prompts]
+    for indices in _progress(_batches_by_length([len(p) for p in prompts], batch_size), "generate", progress):
+        batch = left_pad([prompts[i] for i in indices], pad_token_id)
+        output = model.generate(**{k: v.to(device) for k, v in batch.items()}, do_sample=False, num_beams=1,
+                                use_cache=True, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id,
+                                eos_token_id=list(eos_token_ids))
+        new_tokens = output[:, batch["input_ids"].size(1):].tolist()  # (B, <= max_new_tokens)
+        for i, tokens in zip(indices, new_tokens):
+            results[i] = _until_stop(tokens, set(eos_token_ids), pad_token_id)
+    return results

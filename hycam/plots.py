@@ -1,0 +1,250 @@
+"""The figures of the paper's analysis and of training, as PNG files.
+
+Four figures: loss curves of several runs with their seed spread; the modulation weights A_fusion
+of one layer for one prompt; expert utilisation per task and layer; a t-SNE of attention outputs
+with and without CAM. Each has a function that measures (a forward pass with hooks that live only
+inside it) and one that draws. Drawing uses matplotlib's `Figure` on an Agg canvas, never
+pyplot, so importing this module changes no global backend.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torch import nn
+
+from hycam.data import collate
+from hycam.inject import decoder_layers
+
+BANDS = ("minmax", "std")
+
+
+# ---- loss curves ----------------------------------------------------------------------------------
+
+def read_run(run_dir: str | Path) -> tuple[str, int, list[dict]]:
+    """(method, seed, metrics.jsonl rows) of a run dir written by main.py."""
+    run_dir = Path(run_dir)
+    config_file, metrics_file = run_dir / "run_config.json", run_dir / "metrics.jsonl"
+    for file in (config_file, metrics_file):
+        if not file.is_file():
+            raise FileNotFoundError(f"{run_dir} is not a run dir: {file.name} is missing")
+    config = json.loads(config_file.read_text())
+    rows = []
+    for number, line in enumerate(metrics_file.read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{metrics_file}, line {number}: malformed JSON ({err.msg})") from err
+    return config["method"], int(config["seed"]), rows
+
+
+def loss_curves(run_dirs: Sequence[str | Path]) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """method -> split -> (steps, loss[seed, step]), NaN where a seed logged nothing at a step
+    (a run stopped early); the last row of a (seed, split, step) counts."""
+    logged: dict[str, dict[str, dict[int, dict[int, float]]]] = defaultdict(lambda: defaultdict(dict))
+    for run_dir in run_dirs:
+        method, seed, rows = read_run(run_dir)
+        for row in rows:
+            if row.get("split") in ("train", "validation") and "loss" in row:
+                logged[method][row["split"]].setdefault(seed, {})[int(row["step"])] = float(row["loss"])
+    curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+    for method, splits in logged.items():
+        curves[method] = {}
+        for split, by_seed in splits.items():
+            steps = np.array(sorted(set().union(*by_seed.values())))
+            values = np.array([[losses.get(s, np.nan) for s in steps] for losses in by_seed.values()])
+            curves[method][split] = (steps, values)  # (steps,), (seeds, steps)
+    return curves
+
+
+def plot_loss_curves(run_dirs: Sequence[str | Path], path: str | Path, band: str = "minmax") -> Path:
+    """Training and validation loss per method: the mean over seeds and a min-max or ±std band."""
+    if band not in BANDS:
+        raise ValueError(f"band must be one of {BANDS}, got {band!r}")
+    curves = loss_curves(run_dirs)
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    for ax, split in zip(fig.subplots(1, 2), ("train", "validation")):
+        for method, splits in curves.items():
+            if split not in splits:
+                continue
+            steps, values = splits[split]
+            mean = np.nanmean(values, axis=0)
+            if band == "minmax":
+                low, high = np.nanmin(values, axis=0), np.nanmax(values, axis=0)
+            else:
+                spread = np.nanstd(values, axis=0)
+                low, high = mean - spread, mean + spread
+            line, = ax.plot(steps, mean, label=f"{method} ({values.shape[0]} seeds)")
+            ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+        ax.set(title=f"{split} loss", xlabel="step", ylabel="loss")
+        ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+# ---- modulation weights ---------------------------------------------------------------------------
+
+def _hycam_of(model: nn.Module, layer: int) -> nn.Module:
+    layers = decoder_layers(model)
+    if not 0 <= layer < len(layers):
+        raise ValueError(f"layer {layer} is out of range: the model has {len(layers)} decoder layers")
+    if not hasattr(layers[layer].self_attn, "hycam"):
+        raise ValueError(f"decoder layer {layer} has no HyCAM module (not a HyCAM checkpoint, or not in its layers)")
+    return layers[layer].self_attn.hycam
+
+
+@torch.no_grad()
+def modulation_weights(model: nn.Module, input_ids: torch.Tensor, layer: int) -> torch.Tensor:
+    """A_fusion of decoder layer `layer` for one prompt `(1, L)`: a `(L, d)` float32 tensor."""
+    captured: list[torch.Tensor] = []
+    handle = _hycam_of(model, layer).register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        model(input_ids=input_ids.to(next(model.parameters()).device))
+    finally:
+        handle.remove()
+    return captured[0][0].float().cpu()  # (L, d)
+
+
+def plot_modulation(weights: torch.Tensor, tokens: Sequence[str], path: str | Path, layer: int,
+                    max_dims: int | None = None) -> Path:
+    """Heat map tokens x hidden dims of A_fusion, centred on 0 (amplified red, attenuated blue).
+
+    `max_dims` keeps the dims of largest mean |A| (the most modulated), in their original order.
+    """
+    values = weights.numpy()
+    dims = np.arange(values.shape[1])
+    if max_dims is not None and max_dims < len(dims):
+        dims = np.sort(np.argsort(-np.abs(values).mean(0), kind="stable")[:max_dims])
+    shown = values[:, dims]
+    limit = float(np.abs(shown).max()) or 1.0
+    fig = Figure(figsize=(min(3 + 0.05 * len(dims), 16), 1.5 + 0.22 * len(tokens)), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(shown, aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
+    every = max(1, math.ceil(len(tokens) / 60))
+    ax.set_yticks(range(0, len(tokens), every), [repr(t)[1:-1] for t in tokens][::every], fontsize=7)
+    ax.set(xlabel="hidden dim" if max_dims is None else f"hidden dim (top {len(dims)} by mean |A|, index order)",
+           title=f"A_fusion of layer {layer}")
+    fig.colorbar(image, ax=ax, label="modulation weight")
+    return _save(fig, path)
+
+
+# ---- expert utilisation ---------------------------------------------------------------------------
+
+def _batches(examples: Sequence[dict], batch_size: int, pad_token_id: int):
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start:start + batch_size], pad_token_id)
+        yield batch["input_ids"], batch["attention_mask"]
+
+
+@torch.no_grad()
+def expert_utilisation(model: nn.Module, examples_by_task: dict[str, Sequence[dict]], pad_token_id: int,
+                       batch_size: int = 8) -> dict[str, dict]:
+    """Per task and HyCAM layer, over every non-padding token of the examples:
+    `token_share[l][k]` (share of tokens whose argmax expert is k), `mean_gate[l][k]` (mean routing
+    probability p_k) and `entropy[l]` (mean routing entropy, nats; log N_s is uniform)."""
+    device = next(model.parameters()).device
+    stats = {}
+    for task, examples in examples_by_task.items():
+        sums: dict[str, torch.Tensor] = {}
+        tokens = 0
+        for ids, mask in _batches(examples, batch_size, pad_token_id):
+            probs = model(input_ids=ids.to(device), attention_mask=mask.to(device)).get("router_probs")
+            if probs is None:
+                raise ValueError("the model has no routers: expert utilisation needs HyCAM with num_specialized > 0")
+            probs = probs.double()[:, mask.to(device).bool()]  # (layers, tokens, N_s)
+            batch = {"token_share": F.one_hot(probs.argmax(-1), probs.size(-1)).sum(1),  # (layers, N_s)
+                     "mean_gate": probs.sum(1),  # (layers, N_s)
+                     "entropy": -torch.special.xlogy(probs, probs).sum(-1).sum(1)}  # (layers,)
+            sums = {name: sums.get(name, 0) + value for name, value in batch.items()}
+            tokens += probs.size(1)
+        stats[task] = {"tokens": tokens, **{name: (value / tokens).tolist() for name, value in sums.items()}}
+    return stats
+
+
+def plot_expert_utilisation(stats: dict[str, dict], path: str | Path, layers: Sequence[int] | None = None) -> Path:
+    """A grid, one row per task: token share and mean gate (layer x expert), routing entropy per layer."""
+    fig = Figure(figsize=(10, 0.5 + 2.6 * len(stats)), layout="constrained")
+    axes = np.atleast_2d(fig.subplots(len(stats), 3, width_ratios=[4, 4, 1.2]))
+    for row, (task, values) in zip(axes, stats.items()):
+        share, gate = np.array(values["token_share"]), np.array(values["mean_gate"])
+        labels = list(layers) if layers is not None else list(range(share.shape[0]))
+        for ax, data, name in ((row[0], share, "token share"), (row[1], gate, "mean gate")):
+            image = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+            ax.set(title=f"{task}: {name}", xlabel="expert", ylabel="layer", xticks=range(data.shape[1]))
+            ax.set_yticks(range(len(labels)), labels)
+            fig.colorbar(image, ax=ax)
+        uniform = math.log(share.shape[1]) if share.shape[1] > 1 else 1.0
+        image = row[2].imshow(np.array(values["entropy"])[:, None], aspect="auto", cmap="magma", vmin=0,
+                              vmax=uniform, interpolation="nearest")
+        row[2].set(title="entropy", xticks=[])
+        row[2].set_yticks(range(len(labels)), labels)
+        fig.colorbar(image, ax=row[2], label=f"nats (uniform {uniform:.2f})")
+    return _save(fig, path)
+
+
+# ---- t-SNE of attention outputs -------------------------------------------------------------------
+
+@torch.no_grad()
+def pooled_attention_outputs(model: nn.Module, examples: Sequence[dict], layer: int, pad_token_id: int,
+                             batch_size: int = 8) -> np.ndarray:
+    """Mean over non-padding tokens of decoder layer `layer`'s attention output, one row a sample.
+
+    The hook is added after HyCAM's, so with HyCAM in the model it sees h_out; without, h_att.
+    """
+    attention = decoder_layers(model)[layer].self_attn
+    device = next(model.parameters()).device
+    captured: list[torch.Tensor] = []
+    handle = attention.register_forward_hook(
+        lambda _m, _i, out: captured.append(out[0] if isinstance(out, tuple) else out))
+    rows = []
+    try:
+        for ids, mask in _batches(examples, batch_size, pad_token_id):
+            captured.clear()
+            model(input_ids=ids.to(device), attention_mask=mask.to(device))
+            weight = mask.to(device).unsqueeze(-1).float()  # (B, L, 1)
+            rows.append((captured[0].float() * weight).sum(1) / weight.sum(1))  # (B, d)
+    finally:
+        handle.remove()
+    return torch.cat(rows).cpu().numpy()
+
+
+def plot_tsne(panels: dict[str, np.ndarray], tasks: Sequence[str], path: str | Path,
+              seed: int = 0) -> dict[str, float | None]:
+    """One t-SNE panel per feature set, points coloured by task; returns each set's silhouette score
+    by task (on the features themselves, cosine; higher = tighter task clusters), None if undefined."""
+    from sklearn.manifold import TSNE
+    from sklearn.metrics import silhouette_score
+
+    names = sorted(set(tasks))
+    labels = np.array([names.index(t) for t in tasks])
+    fig = Figure(figsize=(5.5 * len(panels), 5), layout="constrained")
+    scores: dict[str, float | None] = {}
+    for ax, (title, features) in zip(np.atleast_1d(fig.subplots(1, len(panels))), panels.items()):
+        perplexity = min(30.0, max(1.0, (len(features) - 1) / 3))
+        points = TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(features)
+        defined = 1 < len(names) < len(features)
+        scores[title] = float(silhouette_score(features, labels, metric="cosine")) if defined else None
+        for index, name in enumerate(names):
+            ax.scatter(*points[labels == index].T, s=12, label=name)
+        score = "n/a" if scores[title] is None else f"{scores[title]:.3f}"
+        ax.set(title=f"{title} (silhouette {score})", xticks=[], yticks=[])
+        ax.legend(fontsize="small", markerscale=1.5)
+    _save(fig, path)
+    return scores
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)  # the figure draws on Agg, whatever pyplot's backend is
+    fig.savefig(path, dpi=120)
+    return path

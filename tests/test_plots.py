@@ -1,0 +1,124 @@
+"""What the figures measure: loss curves across seeds, A_fusion, expert utilisation, pooled
+attention outputs, and the t-SNE's cluster score, each checked against a direct computation."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_model
+
+import hycam
+from hycam import plots
+from hycam.inject import decoder_layers
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine OpenMP spinning makes them slow."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_run(folder, method, seed, train, validation):
+    folder.mkdir(parents=True)
+    (folder / "run_config.json").write_text(json.dumps({"method": method, "seed": seed}))
+    rows = [{"step": s, "split": "train", "loss": v, "task_loss": v, "balance_loss": 0.0, "lr": 1e-4,
+             "tokens_per_s": 1.0} for s, v in train.items()]
+    rows += [{"step": s, "split": "validation", "loss": v, "tasks": {"t": v}} for s, v in validation.items()]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def test_loss_curves_align_seeds_by_step_and_leave_gaps_where_a_run_stopped(tmp_path):
+    runs = [write_run(tmp_path / "a", "hycam", 1, {1: 3.0, 2: 2.0, 3: 1.0}, {3: 1.5}),
+            write_run(tmp_path / "b", "hycam", 2, {1: 5.0, 2: 4.0}, {2: 4.5}),
+            write_run(tmp_path / "c", "lora", 1, {1: 6.0}, {})]
+    curves = plots.loss_curves(runs)
+    steps, values = curves["hycam"]["train"]
+    assert steps.tolist() == [1, 2, 3]
+    np.testing.assert_array_equal(values, [[3.0, 2.0, 1.0], [5.0, 4.0, np.nan]])
+    assert curves["hycam"]["validation"][0].tolist() == [2, 3]
+    assert set(curves["lora"]) == {"train"}
+    for band in plots.BANDS:
+        assert plots.plot_loss_curves(runs, tmp_path / f"{band}.png", band).stat().st_size > 0
+
+
+def test_a_run_dir_without_metrics_is_named(tmp_path):
+    (tmp_path / "run_config.json").write_text(json.dumps({"method": "hycam", "seed": 1}))
+    with pytest.raises(FileNotFoundError, match="metrics.jsonl is missing"):
+        plots.loss_curves([tmp_path])
+
+
+def modulated(**config):
+    return hycam.apply(tiny_model(), hycam.HyCAMConfig(num_specialized=3, rank=8, init_std=0.3, **config))
+
+
+@torch.no_grad()
+def attention_output(model, ids, layer):
+    captured = []
+    handle = decoder_layers(model)[layer].self_attn.register_forward_hook(lambda _m, _i, out: captured.append(out[0]))
+    model(input_ids=ids)
+    handle.remove()
+    return captured[0][0]
+
+
+def test_modulation_weights_are_what_turns_h_att_into_h_out():
+    model, ids = modulated(), torch.randint(1, 128, (1, 9))
+    weights = plots.modulation_weights(model, ids, layer=0)
+    h_out = attention_output(model, ids, 0)
+    h_att = attention_output(hycam.remove(model), ids, 0)  # layer 0's input does not depend on HyCAM
+    assert weights.shape == (9, 64) and weights.abs().mean() > 0.01
+    torch.testing.assert_close(h_out, h_att * (1 + weights), atol=1e-5, rtol=1e-5)
+
+
+def random_examples(lengths, task="t", seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    examples = []
+    for n in lengths:
+        ids = torch.randint(1, 128, (n,), generator=generator).tolist()
+        examples.append({"input_ids": ids, "labels": ids, "attention_mask": [1] * n, "task": task})
+    return examples
+
+
+@torch.no_grad()
+def test_expert_utilisation_counts_every_real_token_once_and_no_padding():
+    model, examples = modulated(), random_examples([4, 9, 2, 7])
+    stats = plots.expert_utilisation(model, {"t": examples}, pad_token_id=0, batch_size=4)["t"]
+    probs = torch.cat([model(input_ids=torch.tensor([e["input_ids"]])).router_probs[:, 0] for e in examples], 1)
+    argmax_share = [[float((layer.argmax(-1) == k).double().mean()) for k in range(3)] for layer in probs]
+    entropy = [float(-(layer * layer.log()).sum(-1).mean()) for layer in probs]
+    assert stats["tokens"] == 22
+    np.testing.assert_allclose(stats["token_share"], argmax_share, atol=1e-12)
+    np.testing.assert_allclose(stats["mean_gate"], probs.mean(1).numpy(), atol=1e-6)
+    np.testing.assert_allclose(stats["entropy"], entropy, atol=1e-6)
+    assert all(0 < h < math.log(3) for h in stats["entropy"])
+
+
+def test_expert_utilisation_needs_routers():
+    model = hycam.apply(tiny_model(), hycam.HyCAMConfig.variant("shared_only"))
+    with pytest.raises(ValueError, match="no routers"):
+        plots.expert_utilisation(model, {"t": random_examples([3])}, pad_token_id=0)
+
+
+def test_pooled_attention_outputs_ignore_padding_and_see_the_modulation():
+    model, examples = modulated(), random_examples([3, 8, 5])
+    batched = plots.pooled_attention_outputs(model, examples, layer=1, pad_token_id=0, batch_size=3)
+    alone = np.concatenate([plots.pooled_attention_outputs(model, [e], 1, 0) for e in examples])
+    np.testing.assert_allclose(batched, alone, atol=1e-5)
+    without = plots.pooled_attention_outputs(hycam.remove(model), examples, 1, 0)
+    assert np.abs(batched - without).max() > 1e-3
+
+
+def test_tsne_scores_separated_tasks_high_and_mixed_ones_low(tmp_path):
+    rng = np.random.default_rng(0)
+    tasks = ["a"] * 15 + ["b"] * 15
+    centres = np.repeat(np.eye(8)[:2] * 10, 15, axis=0)  # two far-apart directions
+    separated = centres + rng.normal(size=(30, 8))
+    mixed = rng.normal(size=(30, 8))
+    scores = plots.plot_tsne({"separated": separated, "mixed": mixed}, tasks, tmp_path / "tsne.png")
+    assert scores["separated"] > 0.8 and abs(scores["mixed"]) < 0.2
+    assert (tmp_path / "tsne.png").stat().st_size > 0
