@@ -14,7 +14,7 @@ import math
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -92,9 +92,7 @@ def setup(cfg: TrainConfig, rank: int, world: int, log) -> Run:
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    options = methods.MethodOptions(rank=cfg.rank, num_specialized=cfg.num_specialized, expert_rank=cfg.expert_rank,
-                                    lora_alpha=cfg.lora_alpha, tau=cfg.tau, balance_coef=cfg.balance_coef,
-                                    balance_scope=cfg.balance_scope)
+    options = methods.MethodOptions(**{f.name: getattr(cfg, f.name) for f in fields(methods.MethodOptions)})
     model = methods.prepare(model, cfg.method, options)
     params = methods.trainable(model, cfg.method)
     trainable = sum(p.numel() for p in params.values())

@@ -12,11 +12,11 @@ from typing import get_type_hints
 
 import yaml
 
-from hycam.methods import METHODS
+from hycam.methods import METHODS, MethodOptions
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(MethodOptions):
     """Multi-task SFT of one method. Defaults are the paper's recipe (Section 4.1.5)."""
 
     model: str = "smollm2-135m-instruct"
@@ -31,20 +31,6 @@ class TrainConfig:
     """Use at most this many records of each task (before splitting); None uses all."""
     method: str = "hycam"
     """hycam, an ablation (shared_only, full_spec, spec_only, inverse_peft), authors, lora, multilora, riemoe, full."""
-    rank: int = 64
-    """Specialized-CAM rank (HyCAM) and LoRA rank."""
-    num_specialized: int = 5
-    """N_s for HyCAM; adapters for Multi-LoRA; experts for RieMoE-LoRA."""
-    expert_rank: int | None = None
-    """Rank of each Multi-LoRA adapter or RieMoE expert; None: --rank (the paper's setting)."""
-    lora_alpha: float = 32.0
-    """LoRA-family scale numerator (alpha / rank)."""
-    tau: float = 0.5
-    """Gumbel-softmax temperature."""
-    balance_coef: float = 0.1
-    """lambda_balance, the weight of the load-balancing loss."""
-    balance_scope: str = "local"
-    """'local': balance-loss means over this rank's tokens; 'global': over all ranks' tokens."""
     template: str = "auto"
     """Prompt template: auto (chat if the tokenizer has one, else plain), chat, plain, authors."""
     loss_on: str = "response"
@@ -123,14 +109,15 @@ class TrainConfig:
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each dataclass field, read from the source."""
-    tree = ast.parse(inspect.getsource(cls)).body[0]
-    docs, last = {}, None
-    for node in tree.body:
-        if isinstance(node, ast.AnnAssign):
-            last = node.target.id
-        elif isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and last:
-            docs[last], last = node.value.value, None
+    """The docstring under each dataclass field of `cls` and its bases, read from the source."""
+    docs = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        last = None
+        for node in ast.parse(inspect.getsource(klass)).body[0].body:
+            if isinstance(node, ast.AnnAssign):
+                last = node.target.id
+            elif isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and last:
+                docs[last], last = node.value.value, None
     return docs
 
 

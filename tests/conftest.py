@@ -33,6 +33,15 @@ def padded_batch(seed: int = 1, batch: int = 3, length: int = 12) -> dict[str, t
     return {"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask}
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine OpenMP spinning makes them slow."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=sorted(FAMILIES))
 def family(request) -> str:
     return request.param

@@ -30,15 +30,6 @@ LIMIT = 3
 EVAL_ARGS = ["--limit", str(LIMIT), "--max-new-tokens", "6", "--max-length", "256"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine OpenMP spinning makes them slow."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---- perplexity and generation on tiny models ------------------------------------------------------
 
 def random_examples(spec, seed=0):

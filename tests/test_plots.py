@@ -14,15 +14,6 @@ from hycam import plots
 from hycam.inject import decoder_layers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine OpenMP spinning makes them slow."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def write_run(folder, method, seed, train, validation):
     folder.mkdir(parents=True)
     (folder / "run_config.json").write_text(json.dumps({"method": method, "seed": seed}))

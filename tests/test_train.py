@@ -53,7 +53,7 @@ def test_checkpoints_hold_the_trained_weights_only(tiny_model_dir, shared_data, 
     saved = load_file(tmp_path / "last" / "hycam_model.safetensors")
     assert set(saved) == set(methods.saved(model, "hycam"))
     reloaded = methods.load_into(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "last")
-    ids = torch.randint(0, 300, (1, 10))
+    ids = torch.randint(0, model.config.vocab_size, (1, 10))
     model.eval()
     assert torch.equal(reloaded.eval()(input_ids=ids).logits, model(input_ids=ids).logits)
 
