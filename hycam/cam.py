@@ -18,6 +18,7 @@ from torch import nn
 
 from hycam.config import HyCAMConfig
 from hycam.fusion import weighted_silu_sum
+from hycam.outputs import record_routing
 from hycam.routing import gumbel_route
 
 
@@ -30,8 +31,9 @@ class Router(nn.Linear):
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = super().forward(h)  # (B, L, N_s)
-        noise = self.training or self.eval_noise
-        return logits, gumbel_route(logits, self.tau, noise=noise, hard=self.hard)
+        probs = gumbel_route(logits, self.tau, noise=self.training or self.eval_noise, hard=self.hard)
+        record_routing(logits, probs)
+        return logits, probs
 
 
 class LowRankDown(nn.Module):
@@ -50,8 +52,9 @@ class LowRankDown(nn.Module):
             nn.init.kaiming_uniform_(mix, a=math.sqrt(5))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        x = self.down(h).unflatten(-1, (self.num, self.rank))  # (B, L, n, r)
-        return torch.einsum("blnr,nsr->blns", x, self.mix)  # (B, L, n, r)
+        x = self.down(h).reshape(-1, self.num, self.rank).transpose(0, 1)  # (n, T, r), T = B * L
+        x = torch.bmm(x, self.mix.transpose(1, 2))  # (n, T, r): x_k N_k^T, expert-major for the up-projection
+        return x.transpose(0, 1).reshape(*h.shape[:-1], self.num, self.rank)  # (B, L, n, r), a view
 
 
 class HyCAM(nn.Module):
@@ -97,7 +100,8 @@ class HyCAM(nn.Module):
     def specialized_modulation(self, h: torch.Tensor) -> torch.Tensor:
         _, probs = self.router(h)  # (B, L, N_s)
         if self.spec_down is not None:
-            x = self.spec_down(h) * self.scale  # (B, L, N_s, r)
+            x = self.spec_down(h)  # (B, L, N_s, r)
+            x = x if self.scale == 1.0 else x * self.scale
         else:  # full rank: every expert reads h itself; expand makes no copy
             x = h.unsqueeze(-2).expand(*h.shape[:-1], self.spec_up.size(0), h.size(-1))
         return weighted_silu_sum(x, self.spec_up, self.spec_bias, probs.to(h.dtype))  # (B, L, d)

@@ -4,11 +4,21 @@ Autograd would keep two `[N_s, tokens, d]` tensors per layer for the backward pa
 pre-activation and its SiLU), N_s times the size of the attention output. This function keeps only
 its inputs (`[tokens, N_s, r]` and the probabilities) and recomputes the up-projection in backward:
 one extra batched matmul instead of the memory.
+
+Layout: the experts' matmuls are batched over the expert axis, so `x` is best passed as a view of an
+expert-major `[N_s, tokens, r]` tensor (what `LowRankDown` returns); any layout is correct. The
+`[N_s, tokens, d]` intermediates live in reused scratch memory and are updated in place, the
+probability-weighted sum is a multiply and a sum over the expert axis, and the backward uses aten's
+fused `silu_backward`: the fewest passes over that memory found (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
 
+import math
+import threading
+
 import torch
+import torch.nn.functional as F
 
 
 def weighted_silu_sum(
@@ -16,33 +26,65 @@ def weighted_silu_sum(
 ) -> torch.Tensor:
     """x (..., N_s, r), up (N_s, d, r), bias (N_s, d) or None, probs (..., N_s) -> (..., d)."""
     lead = x.shape[:-2]
-    out = _WeightedSiluSum.apply(x.reshape(-1, *x.shape[-2:]), up, bias, probs.reshape(-1, probs.size(-1)))
+    x, probs = x.reshape(-1, *x.shape[-2:]), probs.reshape(-1, probs.size(-1))  # (T, N_s, r), (T, N_s)
+    # One dtype throughout, x's: under autocast x comes from a low-precision matmul while up stays float32.
+    up, bias, probs = (t if t is None else t.to(x.dtype) for t in (up, bias, probs))
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, up, bias, probs)):
+        out = _WeightedSiluSum.apply(x, up, bias, probs)
+    else:  # inference: the same arithmetic without the autograd.Function's overhead per call
+        out = _forward(x, up, bias, probs)
     return out.reshape(*lead, up.size(1))
 
 
+_scratch = threading.local()
+
+
+def _workspace(slot: int, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """A reused scratch tensor for the [N_s, T, d] intermediates that never leave this module.
+
+    On CPU a fresh multi-megabyte tensor costs a page fault per 4 KiB on first touch, more than the
+    arithmetic done on it; CUDA's caching allocator already reuses memory, so only CPU gets this.
+    """
+    if like.device.type != "cpu":
+        return like.new_empty(shape)
+    buffers = vars(_scratch).setdefault("buffers", {})
+    numel, key = math.prod(shape), (slot, like.dtype)
+    if key not in buffers or buffers[key].numel() < numel:
+        with torch.inference_mode(False):  # an inference tensor could not be written outside inference mode
+            buffers[key] = like.new_empty(numel)
+    return buffers[key][:numel].view(shape)
+
+
 def _pre_activation(x: torch.Tensor, up: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    pre = torch.bmm(x.transpose(0, 1), up.transpose(1, 2))  # (N_s, T, d)
-    return pre if bias is None else pre + bias.unsqueeze(1)
+    """x (T, N_s, r) -> x_k B_k^T + b_k, (N_s, T, d), in scratch slot 0."""
+    x_t, up_t = x.transpose(0, 1), up.transpose(1, 2)  # (N_s, T, r), (N_s, r, d)
+    out = _workspace(0, (up.size(0), x.size(0), up.size(1)), x)
+    return torch.bmm(x_t, up_t, out=out) if bias is None else torch.baddbmm(bias.unsqueeze(1), x_t, up_t, out=out)
+
+
+def _forward(x: torch.Tensor, up: torch.Tensor, bias: torch.Tensor | None, probs: torch.Tensor) -> torch.Tensor:
+    act = F.silu(_pre_activation(x, up, bias), inplace=True)  # (N_s, T, d)
+    return act.mul_(probs.t().unsqueeze(-1)).sum(0)  # (T, d)
 
 
 class _WeightedSiluSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, up, bias, probs):  # x (T, N_s, r), probs (T, N_s)
         ctx.save_for_backward(x, up, bias, probs)
-        act = torch.nn.functional.silu(_pre_activation(x, up, bias))  # (N_s, T, d)
-        return torch.einsum("ntd,tn->td", act, probs)  # (T, d)
+        return _forward(x, up, bias, probs)
 
     @staticmethod
     def backward(ctx, grad_out):  # grad_out (T, d)
         x, up, bias, probs = ctx.saved_tensors
         pre = _pre_activation(x, up, bias)  # (N_s, T, d), recomputed
-        sig = torch.sigmoid(pre)
-        grad_probs = None
-        if ctx.needs_input_grad[3]:
-            grad_probs = torch.einsum("ntd,td->tn", pre * sig, grad_out)
-        # d SiLU(z) / dz = sig(z) * (1 + z * (1 - sig(z)))
-        grad_pre = sig.mul_(1 + pre * (1 - sig)).mul_(grad_out.unsqueeze(0) * probs.t().unsqueeze(-1))
-        grad_x = torch.bmm(grad_pre, up).transpose(0, 1) if ctx.needs_input_grad[0] else None
-        grad_up = torch.bmm(grad_pre.transpose(1, 2), x.transpose(0, 1)) if ctx.needs_input_grad[1] else None
-        grad_bias = grad_pre.sum(1) if bias is not None and ctx.needs_input_grad[2] else None
+        # Two [N_s, T, d] buffers in all, each op in place: fresh CPU memory costs page faults.
+        # dL/dA_spec_k = p_k * grad_out, written expert-major (contiguous) as the bmm below wants it.
+        grad_pre = torch.mul(grad_out, probs.t().unsqueeze(-1), out=_workspace(1, pre.shape, pre))  # (N_s, T, d)
+        torch.ops.aten.silu_backward.grad_input(grad_pre, pre, grad_input=grad_pre)
+        need_x, need_up, need_bias, need_probs = ctx.needs_input_grad
+        grad_probs = F.silu(pre, inplace=True).mul_(grad_out).sum(-1).t() if need_probs else None  # (T, N_s)
+        grad_x = torch.bmm(grad_pre, up).transpose(0, 1) if need_x else None  # (T, N_s, r)
+        # (x_k^T grad_pre_k)^T rather than grad_pre_k^T x_k: bf16 matmuls copy a transposed big operand.
+        grad_up = torch.bmm(x.permute(1, 2, 0), grad_pre).transpose(1, 2) if need_up else None  # (N_s, d, r)
+        grad_bias = grad_pre.sum(1) if bias is not None and need_bias else None
         return grad_x, grad_up, grad_bias, grad_probs

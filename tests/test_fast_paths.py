@@ -1,0 +1,138 @@
+"""The speed paths of the specialized CAMs compute the same thing as the plain formulas."""
+
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import padded_batch, tiny_model
+
+import hycam
+from hycam.cam import HyCAM, LowRankDown
+from hycam.fusion import weighted_silu_sum
+
+
+def reference(x, up, bias, probs):
+    """sum_k p_k SiLU(x_k B_k^T + b_k), one expert at a time."""
+    terms = [F.silu(x[..., k, :] @ up[k].T + (0 if bias is None else bias[k])) for k in range(up.size(0))]
+    return sum(probs[..., k : k + 1] * term for k, term in enumerate(terms))
+
+
+def expert_major(tokens=6, experts=3, rank=4, dtype=torch.float64):
+    """x as LowRankDown returns it: a (tokens, N_s, r) view of an (N_s, tokens, r) tensor."""
+    return torch.randn(experts, tokens, rank, dtype=dtype).transpose(0, 1)
+
+
+def test_low_rank_down_is_x_a_transposed_n_transposed():
+    down = LowRankDown(8, rank=3, num=4).double()
+    h = torch.randn(2, 5, 8, dtype=torch.float64)
+    a = down.down.weight.view(4, 3, 8)
+    expected = torch.stack([h @ a[k].T @ down.mix[k].T for k in range(4)], dim=-2)  # (2, 5, 4, 3)
+    torch.testing.assert_close(down(h), expected)
+
+
+def test_gradients_match_autograd_for_expert_major_inputs_with_bias():
+    x = expert_major().requires_grad_()
+    up = torch.randn(3, 5, 4, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    probs = torch.rand(6, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(weighted_silu_sum, (x, up, bias, probs))
+
+
+def test_inference_path_equals_the_autograd_path():
+    x, up, probs = expert_major(), torch.randn(3, 5, 4, dtype=torch.float64), torch.rand(6, 3, dtype=torch.float64)
+    with torch.no_grad():
+        plain = weighted_silu_sum(x, up, None, probs)
+    tracked = weighted_silu_sum(x, up.requires_grad_(), None, probs)
+    assert tracked.requires_grad and not plain.requires_grad
+    torch.testing.assert_close(plain, tracked.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(plain, reference(x, up.detach(), None, probs))
+
+
+def test_results_do_not_share_the_reused_scratch_memory():
+    up = torch.randn(3, 5, 4, dtype=torch.float64, requires_grad=True)
+    x1, p1 = expert_major().requires_grad_(), torch.rand(6, 3, dtype=torch.float64)
+    first = weighted_silu_sum(x1, up, None, p1)
+    kept = first.detach().clone()
+    second = weighted_silu_sum(expert_major(tokens=9), up, None, torch.rand(9, 3, dtype=torch.float64))
+    first.sum().backward()
+    grad_x1 = x1.grad.clone()
+    second.sum().backward()
+    torch.testing.assert_close(first.detach(), kept, rtol=0, atol=0)
+    torch.testing.assert_close(x1.grad, grad_x1, rtol=0, atol=0)
+
+
+def test_training_after_inference_mode_reuses_scratch_memory():
+    x, up, probs = expert_major(), torch.randn(3, 5, 4, dtype=torch.float64), torch.rand(6, 3, dtype=torch.float64)
+    with torch.inference_mode():  # scratch memory first allocated here must stay writable outside
+        weighted_silu_sum(expert_major(tokens=500), up, None, torch.rand(500, 3, dtype=torch.float64))
+    up.requires_grad_()
+    weighted_silu_sum(x, up, None, probs).sum().backward()
+    expected = torch.autograd.grad(reference(x, up, None, probs).sum(), up)[0]
+    torch.testing.assert_close(up.grad, expected)
+
+
+def test_threads_do_not_share_scratch_memory():
+    up = torch.randn(3, 64, 4, dtype=torch.float64)
+    inputs = [(expert_major(tokens=200 + i), torch.rand(200 + i, 3, dtype=torch.float64)) for i in range(4)]
+    expected = [reference(x, up, None, p) for x, p in inputs]
+    failures = []
+
+    def work(i):
+        x, p = inputs[i]
+        for _ in range(30):
+            if not torch.allclose(weighted_silu_sum(x, up, None, p), expected[i]):
+                failures.append(i)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures
+
+
+def test_bfloat16_stays_close_to_float64():
+    x, up = expert_major(tokens=32, rank=16), torch.randn(3, 48, 16, dtype=torch.float64) / 4
+    bias, probs = torch.randn(3, 48, dtype=torch.float64), torch.softmax(torch.randn(32, 3, dtype=torch.float64), -1)
+    grads = []
+    for dtype in (torch.float64, torch.bfloat16):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (x, up, bias, probs)]
+        out = weighted_silu_sum(*leaves)
+        out.backward(torch.ones_like(out))
+        grads.append([out.detach().double()] + [leaf.grad.double() for leaf in leaves])
+    for precise, low in zip(*grads):
+        torch.testing.assert_close(low, precise, atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("variant", ["hycam", "full_spec", "spec_only", "authors"])
+def test_nothing_of_size_experts_x_tokens_x_hidden_is_kept_for_backward(variant):
+    low_rank = {} if variant == "full_spec" else {"rank": 8}
+    cam = HyCAM(64, hycam.HyCAMConfig.variant(variant, num_specialized=4, init_std=0.1, **low_rank)).train()
+    h = torch.randn(2, 64, 64, requires_grad=True)  # more tokens than rows in any weight
+    saved = []
+
+    def keep(tensor):  # counts the memory behind each saved tensor: an expanded view costs its source
+        saved.append(tensor.untyped_storage().nbytes() // tensor.element_size())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        cam(h).sum().backward()
+    assert saved and max(saved) < 4 * 2 * 64 * 64
+
+
+def test_router_calls_outside_a_model_forward_are_not_recorded():
+    model = hycam.apply(tiny_model(), hycam.HyCAMConfig(rank=8))
+    model.model.layers[0].self_attn.hycam(torch.randn(1, 3, 64))  # a stray call, outside model.forward
+    out = model(**padded_batch(batch=2, length=5))
+    assert out.router_logits.shape == (2, 2, 5, 5)
+
+
+def test_training_under_cpu_autocast_runs():
+    model = hycam.apply(tiny_model(), hycam.HyCAMConfig(rank=8, init_std=0.3)).train()
+    batch = padded_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**batch, labels=batch["input_ids"]).loss
+    loss.backward()
+    spec_up = model.model.layers[0].self_attn.hycam.spec_up
+    assert spec_up.grad.dtype == torch.float32 and spec_up.grad.abs().sum() > 0
