@@ -55,6 +55,7 @@ while [ $# -gt 0 ]; do
     --output_dir) output_dir="$2"; shift 2 ;;
     --dry_run) dry_run=1; shift ;;
     --) shift; main_args+=("$@"); break ;;
+    -) positional+=("-"); shift ;;
     -*) echo "run_model_base.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     *) positional+=("$1"); shift ;;
   esac
