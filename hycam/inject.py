@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import types
 
-import torch
 from torch import nn
 
 from hycam.cam import HyCAM, Router
