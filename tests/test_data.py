@@ -9,19 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hycam.data import (
-    DataError,
-    Record,
-    collate,
-    format_prompt,
-    load_records,
-    multitask_batches,
-    prompt_ids,
-    split_records,
-    synthetic_tasks,
-    tokenize_record,
-    tokenize_records,
-)
+from hycam.data import (DataError, Record, collate, format_prompt, load_records, multitask_batches, prompt_ids,
+                        split_records, synthetic_tasks, tokenize_record, tokenize_records)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 ROW = {"task": "qa", "instruction": "Name a colour.", "input": "", "output": "Blue."}
