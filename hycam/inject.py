@@ -14,6 +14,7 @@ from torch import nn
 
 from hycam.cam import HyCAM, Router
 from hycam.config import HyCAMConfig
+from hycam.fusion import release_workspace
 from hycam.outputs import routed_forward_for
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
@@ -68,6 +69,7 @@ def remove(model: nn.Module) -> nn.Module:
     del model._hycam_trainable_before
     for name, param in model.named_parameters():
         param.requires_grad_(name in trainable)
+    release_workspace()
     return model
 
 

@@ -1,6 +1,7 @@
 """The speed paths of the specialized CAMs compute the same thing as the plain formulas."""
 
 import threading
+import weakref
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 from conftest import padded_batch, tiny_model
 
 import hycam
+from hycam import fusion
 from hycam.cam import HyCAM, LowRankDown
 from hycam.fusion import weighted_silu_sum
 
@@ -90,6 +92,16 @@ def test_threads_do_not_share_scratch_memory():
     for thread in threads:
         thread.join()
     assert not failures
+
+
+def test_remove_frees_the_scratch_memory():
+    fusion.release_workspace()  # earlier tests' buffers (other dtypes) are not this model's
+    model = hycam.apply(tiny_model(), hycam.HyCAMConfig(init_std=0.02))
+    model(**padded_batch()).logits.sum().backward()
+    buffers = [weakref.ref(b) for b in vars(fusion._scratch)["buffers"].values()]
+    assert len(buffers) == 2  # the pre-activation and its gradient
+    hycam.remove(model)
+    assert all(ref() is None for ref in buffers)
 
 
 def test_bfloat16_stays_close_to_float64():
