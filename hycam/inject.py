@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import types
 
+import torch
 from torch import nn
 
 from hycam.cam import HyCAM, Router
@@ -132,7 +133,7 @@ def _modulate(attn: nn.Module, args: tuple, kwargs: dict, output):
     cam: HyCAM = attn.hycam
     base = h_att if cam.residual is None else cam.residual + h_att
     cam.residual = None
-    h_out = h_att + base * cam(h_norm)
+    h_out = torch.addcmul(h_att, base, cam(h_norm))  # one pass instead of a multiply and an add
     return (h_out, *output[1:]) if isinstance(output, tuple) else h_out
 
 

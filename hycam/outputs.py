@@ -77,7 +77,9 @@ def _with_routing(model, output, records, attention_mask) -> HyCAMCausalLMOutput
     probs = torch.stack([r[1] for r in records])  # (num_layers, B, L, N_s)
     _check_router_gradient(model, logits)
     mask = _token_mask(attention_mask, logits.size(-2))
-    balance = load_balancing_loss(logits, probs, mask, global_batch=config.balance_scope == "global")
+    # Global means need every rank in the same call: only training guarantees that (not generation).
+    global_batch = config.balance_scope == "global" and model.training
+    balance = load_balancing_loss(logits, probs, mask, global_batch=global_batch)
     if task_loss is not None:
         fields["loss"] = task_loss + config.balance_coef * balance
     return HyCAMCausalLMOutput(
