@@ -298,7 +298,9 @@ def save_dequantised(model: str, target: Path) -> None:
 
 
 def subprocess_runner(argv: list[str], log: Path, threads: int = 2) -> int:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+    # PYTHONPATH: every unit runs this checkout's hycam, whether or not (or wherever) it is installed.
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": path}
     with log.open("w") as out:
         return subprocess.run(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
 
