@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from hycam import methods
+from hycam import enable_checkpointing, methods
 from hycam.models import load_model, load_tokenizer
 from hycam.prompts import collate, multitask_batches
 from hycam.train_config import TrainConfig, parse_args
@@ -90,7 +90,7 @@ def setup(cfg: TrainConfig, rank: int, world: int, log) -> Run:
     splits = prepare_splits(cfg, tokenizer, log)
     model = load_model(cfg.model, cfg.gguf_file)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
         model.config.use_cache = False
     options = methods.MethodOptions(**{f.name: getattr(cfg, f.name) for f in fields(methods.MethodOptions)})
     model = methods.prepare(model, cfg.method, options)

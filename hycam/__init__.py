@@ -3,7 +3,7 @@
 from hycam.checkpoint import load, save
 from hycam.config import HyCAMConfig
 from hycam.inject import apply, decoder_layers, hycam_parameters, is_applied, remove, trainable_parameters
-from hycam.outputs import HyCAMCausalLMOutput
+from hycam.outputs import HyCAMCausalLMOutput, enable_checkpointing
 from hycam.routing import gumbel_route, load_balancing_loss
 
 __version__ = "0.1.0"
@@ -13,6 +13,7 @@ __all__ = [
     "HyCAMConfig",
     "apply",
     "decoder_layers",
+    "enable_checkpointing",
     "gumbel_route",
     "hycam_parameters",
     "is_applied",

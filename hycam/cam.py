@@ -30,7 +30,10 @@ class Router(nn.Linear):
         self.tau, self.hard, self.eval_noise = config.tau, config.hard_routing, config.eval_noise
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = super().forward(h)  # (B, L, N_s)
+        return self.route(super().forward(h))
+
+    def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """logits (B, L, N_s) -> (logits, probs)."""
         probs = gumbel_route(logits, self.tau, noise=self.training or self.eval_noise, hard=self.hard)
         record_routing(logits, probs)
         return logits, probs
@@ -52,9 +55,13 @@ class LowRankDown(nn.Module):
             nn.init.kaiming_uniform_(mix, a=math.sqrt(5))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        x = self.down(h).reshape(-1, self.num, self.rank).transpose(0, 1)  # (n, T, r), T = B * L
+        return self.mix_experts(self.down(h))
+
+    def mix_experts(self, a: torch.Tensor) -> torch.Tensor:
+        """x A^T (B, L, n r) -> x A_k^T N_k^T (B, L, n, r)."""
+        x = a.reshape(-1, self.num, self.rank).transpose(0, 1)  # (n, T, r), T = B * L
         x = torch.bmm(x, self.mix.transpose(1, 2))  # (n, T, r): x_k N_k^T, expert-major for the up-projection
-        return x.transpose(0, 1).reshape(*h.shape[:-1], self.num, self.rank)  # (B, L, n, r), a view
+        return x.transpose(0, 1).reshape(*a.shape[:-1], self.num, self.rank)  # (B, L, n, r), a view
 
 
 class HyCAM(nn.Module):
@@ -76,6 +83,36 @@ class HyCAM(nn.Module):
         self.spec_bias = nn.Parameter(torch.empty(n, d, **factory)) if n and config.bias else None
         self.scale = config.lora_alpha / config.rank if config.lora_alpha else 1.0
         self.reset_parameters(config.init_std)
+        self._inputs = self._adjacent_input_weights()
+
+    def _adjacent_input_weights(self) -> list[nn.Linear]:
+        """The linear layers that read h_norm (W_shared, A_1..A_n, W_router), their weights moved into
+        one tensor, rows back to back, so that inference can multiply by all three at once."""
+        layers = [self.shared, getattr(self.spec_down, "down", None), self.router]
+        # Not under ZeRO-3 (ds_id): DeepSpeed owns those parameters and their partitions.
+        if any(layer is None or layer.bias is not None or hasattr(layer.weight, "ds_id") for layer in layers) \
+                or self.shared_down is not None:
+            return []
+        merged = torch.cat([layer.weight.detach() for layer in layers])
+        rows = 0
+        for layer in layers:
+            layer.weight = nn.Parameter(merged[rows : rows + layer.out_features], layer.weight.requires_grad)
+            rows += layer.out_features
+        return layers
+
+    def _merged_input_weight(self) -> torch.Tensor | None:
+        """[W_shared; A; W_router] as one view, while the weights still lie back to back in one storage
+        (`.to()`, a deep copy or a DeepSpeed partition may have moved them apart), else None."""
+        weights = [layer.weight for layer in self._inputs]
+        if not weights or torch.is_grad_enabled():
+            return None
+        first, end = weights[0], weights[0].data_ptr()
+        for w in weights:
+            if (w.data_ptr() != end or not w.is_contiguous() or w.dtype != first.dtype
+                    or w.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()):
+                return None
+            end += w.numel() * w.element_size()
+        return first.detach().as_strided((sum(w.size(0) for w in weights), first.size(1)), first.stride())
 
     def reset_parameters(self, std: float = 0.0) -> None:
         """Zeros for W_shared and B_k (the model is unchanged at step 0); biases zero too."""
@@ -88,6 +125,11 @@ class HyCAM(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """h_norm (B, L, d) -> A_fusion (B, L, d), Eq. 11."""
+        merged = self._merged_input_weight()
+        if merged is not None:  # inference: one matmul for the three, not three small ones (decoding)
+            shared, a, logits = F.linear(h, merged).split([w.out_features for w in self._inputs], dim=-1)
+            _, probs = self.router.route(logits)
+            return F.silu(shared) + self.fuse(self.spec_down.mix_experts(a), probs)
         if self.router is None:
             return self.shared_modulation(h)
         spec = self.specialized_modulation(h)
@@ -101,7 +143,11 @@ class HyCAM(nn.Module):
         _, probs = self.router(h)  # (B, L, N_s)
         if self.spec_down is not None:
             x = self.spec_down(h)  # (B, L, N_s, r)
-            x = x if self.scale == 1.0 else x * self.scale
         else:  # full rank: every expert reads h itself; expand makes no copy
             x = h.unsqueeze(-2).expand(*h.shape[:-1], self.spec_up.size(0), h.size(-1))
-        return weighted_silu_sum(x, self.spec_up, self.spec_bias, probs.to(h.dtype))  # (B, L, d)
+        return self.fuse(x, probs)
+
+    def fuse(self, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """x (B, L, N_s, r or d), probs (B, L, N_s) -> sum_k p_k A_spec_k (B, L, d)."""
+        x = x if self.scale == 1.0 or self.spec_down is None else x * self.scale
+        return weighted_silu_sum(x, self.spec_up, self.spec_bias, probs.to(x.dtype))

@@ -42,7 +42,8 @@ class HyCAMConfig:
     layers: list[int] | None = None
     """Indices of the decoder layers that get HyCAM; None means every layer."""
     balance_scope: Literal["local", "global"] = "local"
-    """Average the balance-loss means over this rank's tokens, or over all data-parallel ranks."""
+    """Average the balance-loss means over this rank's tokens, or over all data-parallel ranks. "global"
+    applies in train mode only: an eval-mode forward (validation, generation) may run on one rank alone."""
     init_std: float = field(default=0.0, repr=False)
     """Std of a normal init for the zero-initialised weights (B_k, W_shared); tests use it to start
     from a non-trivial modulation. 0.0 is the paper's zero init."""

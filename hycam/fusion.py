@@ -55,6 +55,11 @@ def _workspace(slot: int, shape: tuple[int, ...], like: torch.Tensor) -> torch.T
     return buffers[key][:numel].view(shape)
 
 
+def release_workspace() -> None:
+    """Frees this thread's scratch memory (`hycam.remove` calls it); the next call allocates it again."""
+    vars(_scratch).pop("buffers", None)
+
+
 def _pre_activation(x: torch.Tensor, up: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x (T, N_s, r) -> x_k B_k^T + b_k, (N_s, T, d), in scratch slot 0."""
     x_t, up_t = x.transpose(0, 1), up.transpose(1, 2)  # (N_s, T, r), (N_s, r, d)

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import types
 
+import torch
 from torch import nn
 
 from hycam.cam import HyCAM, Router
 from hycam.config import HyCAMConfig
+from hycam.fusion import release_workspace
 from hycam.outputs import routed_forward_for
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
@@ -68,6 +70,7 @@ def remove(model: nn.Module) -> nn.Module:
     del model._hycam_trainable_before
     for name, param in model.named_parameters():
         param.requires_grad_(name in trainable)
+    release_workspace()
     return model
 
 
@@ -130,7 +133,7 @@ def _modulate(attn: nn.Module, args: tuple, kwargs: dict, output):
     cam: HyCAM = attn.hycam
     base = h_att if cam.residual is None else cam.residual + h_att
     cam.residual = None
-    h_out = h_att + base * cam(h_norm)
+    h_out = torch.addcmul(h_att, base, cam(h_norm))  # one pass instead of a multiply and an add
     return (h_out, *output[1:]) if isinstance(output, tuple) else h_out
 
 

@@ -77,7 +77,9 @@ def _with_routing(model, output, records, attention_mask) -> HyCAMCausalLMOutput
     probs = torch.stack([r[1] for r in records])  # (num_layers, B, L, N_s)
     _check_router_gradient(model, logits)
     mask = _token_mask(attention_mask, logits.size(-2))
-    balance = load_balancing_loss(logits, probs, mask, global_batch=config.balance_scope == "global")
+    # Global means need every rank in the same call: only training guarantees that (not generation).
+    global_batch = config.balance_scope == "global" and model.training
+    balance = load_balancing_loss(logits, probs, mask, global_batch=global_batch)
     if task_loss is not None:
         fields["loss"] = task_loss + config.balance_coef * balance
     return HyCAMCausalLMOutput(
@@ -98,7 +100,17 @@ def _check_router_gradient(model, logits: torch.Tensor) -> None:
     router_trains = model.hycam_config.train_router and model.training and torch.is_grad_enabled()
     if router_trains and not logits.requires_grad:
         raise RuntimeError(
-            "HyCAM router outputs carry no gradient, so the balance loss cannot train the router. With "
-            "gradient checkpointing use model.gradient_checkpointing_enable("
-            "gradient_checkpointing_kwargs={'use_reentrant': False})."
+            "HyCAM router outputs carry no gradient, so the balance loss cannot train the router. Enable "
+            "checkpointing with hycam.enable_checkpointing(model), or pass {'use_reentrant': False} to the "
+            "model's activation_checkpointing_enable (gradient_checkpointing_enable before transformers 5)."
         )
+
+
+def enable_checkpointing(model) -> None:
+    """Activation checkpointing of the decoder layers, non-reentrant (the only kind HyCAM's router trains
+    under), through whichever name this transformers has: activation_checkpointing_enable (5.x) or
+    gradient_checkpointing_enable (4.x, deprecated in 5)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

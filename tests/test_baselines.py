@@ -11,6 +11,7 @@ import torch
 from conftest import padded_batch, tiny_model
 from torch import nn
 
+from hycam import enable_checkpointing
 from hycam.baselines import adapter_parameters
 from hycam.multilora import MultiLoRALinear, apply_multilora, remove_multilora
 from hycam.riemoe import (MoELoRALinear, apply_riemoe, expert_pairs, register_riemannian_hooks, remove_riemoe,
@@ -200,7 +201,7 @@ def test_hooks_equal_the_function_on_accumulated_grads(checkpointing):
     plain = copy.deepcopy(hooked).train()
     register_riemannian_hooks(hooked)
     if checkpointing:
-        hooked.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(hooked)
     for m in (hooked.train(), plain):
         for seed in (1, 2):  # two micro-batches accumulate before the step
             m(**labelled(padded_batch(seed=seed))).loss.backward()

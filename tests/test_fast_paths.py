@@ -1,6 +1,7 @@
 """The speed paths of the specialized CAMs compute the same thing as the plain formulas."""
 
 import threading
+import weakref
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 from conftest import padded_batch, tiny_model
 
 import hycam
+from hycam import fusion
 from hycam.cam import HyCAM, LowRankDown
 from hycam.fusion import weighted_silu_sum
 
@@ -90,6 +92,39 @@ def test_threads_do_not_share_scratch_memory():
     for thread in threads:
         thread.join()
     assert not failures
+
+
+def test_remove_frees_the_scratch_memory():
+    fusion.release_workspace()  # earlier tests' buffers (other dtypes) are not this model's
+    model = hycam.apply(tiny_model(), hycam.HyCAMConfig(init_std=0.02))
+    model(**padded_batch()).logits.sum().backward()
+    buffers = [weakref.ref(b) for b in vars(fusion._scratch)["buffers"].values()]
+    assert len(buffers) == 2  # the pre-activation and its gradient
+    hycam.remove(model)
+    assert all(ref() is None for ref in buffers)
+
+
+def test_inference_reads_the_three_input_weights_in_one_matmul():
+    cam = HyCAM(16, hycam.HyCAMConfig(num_specialized=3, rank=4, init_std=0.1), dtype=torch.float64).eval()
+    h = torch.randn(2, 5, 16, dtype=torch.float64)
+    with torch.no_grad():
+        assert cam._merged_input_weight() is not None
+        merged = cam(h)
+    torch.testing.assert_close(merged, cam(h).detach())  # with grad enabled: three matmuls
+    cam.float()  # new, separate weight tensors: inference falls back to three matmuls
+    with torch.no_grad():
+        assert cam._merged_input_weight() is None
+        torch.testing.assert_close(cam(h.float()), merged.float())
+
+
+def test_training_steps_and_checkpoint_loads_keep_the_one_matmul_inference():
+    model = hycam.apply(tiny_model(), hycam.HyCAMConfig(rank=8, init_std=0.02))
+    optimizer = torch.optim.AdamW(hycam.trainable_parameters(model).values(), lr=1e-2)
+    model(**padded_batch()).logits.square().mean().backward()
+    optimizer.step()
+    model.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert all(m._merged_input_weight() is not None for m in model.modules() if isinstance(m, HyCAM))
 
 
 def test_bfloat16_stays_close_to_float64():

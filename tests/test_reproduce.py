@@ -1,4 +1,4 @@
-"""scripts/reproduce.py on a tiny Llama: the sweep picks and reuses runs, reruns skip, interruptions resume.
+"""scripts/reproduce.py and its report on a tiny Llama: the sweep picks and reuses runs, reruns skip.
 
 Every unit really runs (main.py, hycam.evaluate, scripts/plot.py), in this process to stay fast.
 """
@@ -25,6 +25,7 @@ def load_script(name: str):
 
 
 reproduce = load_script("reproduce")
+report = sys.modules["reproduce_report"]  # imported by reproduce.py
 plot = load_script("plot")
 
 
@@ -149,11 +150,11 @@ def test_the_report_keeps_the_preamble_and_marks_a_smoke_run(done, tmp_path):
     study, _ = done
     results = tmp_path / "docs" / "RESULTS.md"
     results.parent.mkdir()
-    results.write_text("# My study\n\nWritten by hand.\n\n" + reproduce.MARKER + "\n\nSmoke run: old numbers\n")
+    results.write_text("# My study\n\nWritten by hand.\n\n" + report.MARKER + "\n\nSmoke run: old numbers\n")
     smoke = reproduce.Study(study.root, replace(study.settings, quick=True))
-    reproduce.publish(smoke, results)
+    report.publish(smoke, results)
     text = results.read_text()
-    assert text.startswith("# My study\n\nWritten by hand.\n\n" + reproduce.MARKER)
+    assert text.startswith("# My study\n\nWritten by hand.\n\n" + report.MARKER)
     assert "old numbers" not in text and "NOT the study" in text
     assert "| HyCAM |" in text and "| Shared-CAM-Only |" in text
     assert (results.parent / "figures" / "loss.png").is_file()
@@ -162,7 +163,7 @@ def test_the_report_keeps_the_preamble_and_marks_a_smoke_run(done, tmp_path):
 def test_a_smoke_run_does_not_replace_the_studys_report(done, tmp_path):
     study, _ = done
     results = tmp_path / "RESULTS.md"
-    reproduce.publish(study, results)
+    report.publish(study, results)
     full = results.read_text()
-    reproduce.publish(reproduce.Study(study.root, replace(study.settings, quick=True)), results)
+    report.publish(reproduce.Study(study.root, replace(study.settings, quick=True)), results)
     assert results.read_text() == full

@@ -1,10 +1,12 @@
 """Gumbel-softmax routing (Eq. 9) and the load-balancing loss (Eq. 10)."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from conftest import padded_batch, tiny_model
 
 import hycam
+from hycam import routing
 
 
 def seed_readme_balance_loss(all_router_logits, all_gumbel_probs):
@@ -90,3 +92,52 @@ def test_balance_loss_alone_trains_the_router():
     model(**padded_batch()).balance_loss.backward()
     router = model.model.layers[1].self_attn.hycam.router.weight
     assert router.grad is not None and router.grad.abs().sum() > 0
+
+
+def _global_loss_worker(rank: int, port: int, logits, probs, mask, results) -> None:
+    """One of two ranks: the global loss of its half of the batch, and the gradient of its logits."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    half = slice(rank * 2, rank * 2 + 2)
+    mine = logits[:, half].clone().requires_grad_()
+    loss = hycam.load_balancing_loss(mine, probs[:, half], mask[half], global_batch=True)
+    loss.backward()
+    results.put((rank, loss.item(), mine.grad.numpy()))  # numpy: sent by value, not as shared memory
+    dist.destroy_process_group()
+
+
+def test_global_balance_loss_over_two_ranks_is_the_whole_batch_loss():
+    """Each rank's value is the loss of the whole batch; the ranks' gradients, averaged as data
+    parallelism does, are the whole-batch loss's gradient."""
+    import socket
+
+    import torch.multiprocessing as mp
+    logits, probs = torch.randn(3, 4, 6, 5, dtype=torch.float64), torch.softmax(torch.randn(3, 4, 6, 5), -1)
+    mask = torch.ones(4, 6, dtype=torch.long)
+    mask[3, :5] = 0  # the ranks hold different numbers of real tokens
+    whole = logits.clone().requires_grad_()
+    expected = hycam.load_balancing_loss(whole, probs.double(), mask)
+    expected.backward()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.get_context("fork").SimpleQueue()  # fork: the workers need not import torch again
+    mp.start_processes(_global_loss_worker, args=(port, logits, probs.double(), mask, results), nprocs=2,
+                       start_method="fork")
+    (_, loss_0, grad_0), (_, loss_1, grad_1) = sorted((results.get() for _ in range(2)), key=lambda r: r[0])
+    assert loss_0 == pytest.approx(expected.item(), rel=1e-12) and loss_1 == pytest.approx(expected.item(), rel=1e-12)
+    grads = torch.cat([torch.from_numpy(grad_0), torch.from_numpy(grad_1)], dim=1) / 2  # as DDP averages
+    torch.testing.assert_close(grads, whole.grad)
+
+
+def test_global_scope_communicates_in_training_only(monkeypatch):
+    """Generation or validation may run on one rank alone: an all-reduce there would hang."""
+    def all_reduce(_):
+        raise AssertionError("all-reduce")
+    monkeypatch.setattr(routing.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(routing, "_all_ranks_sum", all_reduce)
+    model = hycam.apply(tiny_model(), hycam.HyCAMConfig(rank=8, balance_scope="global"))
+    with torch.no_grad():
+        model.eval()(**padded_batch())
+        with pytest.raises(AssertionError, match="all-reduce"):
+            model.train()(**padded_batch())

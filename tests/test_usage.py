@@ -44,7 +44,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(family):
     batch = padded_batch()
     plain = losses_and_grads(modulated(family).train(), batch)
     model = modulated(family).train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    hycam.enable_checkpointing(model)
     checkpointed = losses_and_grads(model, batch)
     torch.testing.assert_close(checkpointed[:2], plain[:2])
     torch.testing.assert_close(checkpointed[2], plain[2])
@@ -52,14 +52,18 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(family):
 
 def test_balance_loss_reaches_the_router_under_gradient_checkpointing():
     model = modulated().train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    hycam.enable_checkpointing(model)
     model(**padded_batch()).balance_loss.backward()
     assert model.model.layers[0].self_attn.hycam.router.weight.grad.abs().sum() > 0
 
 
 def test_reentrant_checkpointing_is_refused_with_the_fix_in_the_message():
     model = modulated().train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable:
+        enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     with pytest.raises(RuntimeError, match="use_reentrant': False"):
         model(**padded_batch())
 
