@@ -1,5 +1,6 @@
 """Tiny random Llama, Qwen2 and Mistral models, and the paths the tests read."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,9 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 FAMILIES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
             "mistral": (MistralConfig, MistralForCausalLM)}
 VOCAB = 128
+
+# Subprocesses the tests start (DeepSpeed, torchrun) import this checkout's hycam, installed or not.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 
 
 def tiny_model(family: str = "llama", seed: int = 0, dtype=torch.float32, **overrides) -> torch.nn.Module:

@@ -121,9 +121,10 @@ def test_global_balance_loss_over_two_ranks_is_the_whole_batch_loss():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    results = mp.get_context("fork").SimpleQueue()  # fork: the workers need not import torch again
+    # spawn, not fork: a fork would inherit any process group an earlier test left in this process.
+    results = mp.get_context("spawn").SimpleQueue()
     mp.start_processes(_global_loss_worker, args=(port, logits, probs.double(), mask, results), nprocs=2,
-                       start_method="fork")
+                       start_method="spawn")
     (_, loss_0, grad_0), (_, loss_1, grad_1) = sorted((results.get() for _ in range(2)), key=lambda r: r[0])
     assert loss_0 == pytest.approx(expected.item(), rel=1e-12) and loss_1 == pytest.approx(expected.item(), rel=1e-12)
     grads = torch.cat([torch.from_numpy(grad_0), torch.from_numpy(grad_1)], dim=1) / 2  # as DDP averages
