@@ -84,6 +84,7 @@ class HyCAM(nn.Module):
         self.scale = config.lora_alpha / config.rank if config.lora_alpha else 1.0
         self.reset_parameters(config.init_std)
         self._inputs = self._adjacent_input_weights()
+        self._input_sizes = [layer.out_features for layer in self._inputs]
 
     def _adjacent_input_weights(self) -> list[nn.Linear]:
         """The linear layers that read h_norm (W_shared, A_1..A_n, W_router), their weights moved into
@@ -103,9 +104,9 @@ class HyCAM(nn.Module):
     def _merged_input_weight(self) -> torch.Tensor | None:
         """[W_shared; A; W_router] as one view, while the weights still lie back to back in one storage
         (`.to()`, a deep copy or a DeepSpeed partition may have moved them apart), else None."""
-        weights = [layer.weight for layer in self._inputs]
-        if not weights or torch.is_grad_enabled():
+        if not self._inputs or torch.is_grad_enabled():
             return None
+        weights = [layer.weight for layer in self._inputs]
         first, end = weights[0], weights[0].data_ptr()
         for w in weights:
             if (w.data_ptr() != end or not w.is_contiguous() or w.dtype != first.dtype
@@ -127,7 +128,7 @@ class HyCAM(nn.Module):
         """h_norm (B, L, d) -> A_fusion (B, L, d), Eq. 11."""
         merged = self._merged_input_weight()
         if merged is not None:  # inference: one matmul for the three, not three small ones (decoding)
-            shared, a, logits = F.linear(h, merged).split([w.out_features for w in self._inputs], dim=-1)
+            shared, a, logits = F.linear(h, merged).split(self._input_sizes, dim=-1)
             _, probs = self.router.route(logits)
             return F.silu(shared) + self.fuse(self.spec_down.mix_experts(a), probs)
         if self.router is None:
@@ -149,5 +150,5 @@ class HyCAM(nn.Module):
 
     def fuse(self, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         """x (B, L, N_s, r or d), probs (B, L, N_s) -> sum_k p_k A_spec_k (B, L, d)."""
-        x = x if self.scale == 1.0 or self.spec_down is None else x * self.scale
+        x = x if self.scale == 1.0 else x * self.scale  # 1.0 unless low-rank with lora_alpha
         return weighted_silu_sum(x, self.spec_up, self.spec_bias, probs.to(x.dtype))
