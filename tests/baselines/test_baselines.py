@@ -8,13 +8,13 @@ import sys
 
 import pytest
 import torch
-from conftest import padded_batch, tiny_model
+from conftest import REPO, padded_batch, tiny_model
 from torch import nn
 
 from hycam import enable_checkpointing
-from hycam.baselines import adapter_parameters
-from hycam.multilora import MultiLoRALinear, apply_multilora, remove_multilora
-from hycam.riemoe import (MoELoRALinear, apply_riemoe, expert_pairs, register_riemannian_hooks, remove_riemoe,
+from hycam.baselines.adapters import adapter_parameters
+from hycam.baselines.multilora import MultiLoRALinear, apply_multilora, remove_multilora
+from hycam.baselines.riemoe import (MoELoRALinear, apply_riemoe, expert_pairs, register_riemannian_hooks, remove_riemoe,
                           riemannian_precondition_)
 
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -259,9 +259,10 @@ def test_hooks_precondition_under_deepspeed_zero2_with_accumulation():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
-           "LOCAL_RANK": "0", "DS_ACCELERATOR": "cpu"}
+           "LOCAL_RANK": "0", "DS_ACCELERATOR": "cpu",
+           "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ["PYTHONPATH"]])}  # for conftest
     run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600,
-                         cwd=os.path.dirname(__file__), check=False)
+                         cwd=REPO, check=False)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     assert "relative error" in run.stdout
 

@@ -12,7 +12,7 @@ from typing import get_type_hints
 
 import yaml
 
-from hycam.methods import METHODS, MethodOptions
+from hycam.baselines.methods import METHODS, MethodOptions
 
 
 @dataclass

@@ -10,7 +10,7 @@ averages over its five tasks. `--split test` (the default) rebuilds the run's sp
 made it (the run's task files unless `--tasks` is given, its `max_records_per_task` cap, seed and
 fold, from `run_config.json` beside the checkpoint and its `method.json`) and scores its test
 part, so no training record is scored.
-Results go to `results.json` (the record `hycam.tables` reads), `results.md` and
+Results go to `results.json` (the record `hycam.evaluation.tables` reads), `results.md` and
 `generations.jsonl` in `--output-dir`. Bad input exits with code 2 and one line naming it.
 """
 
@@ -26,11 +26,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hycam import tables
+from hycam.baselines import methods
 from hycam.data import (DataError, Record, first_per_task, load_records, prompt_ids, split_records,
                         tokenize_records)
-from hycam.generation import greedy_generate, response_nll
-from hycam.metrics import bleu4, perplexity, rouge_l
+from hycam.data.models import load_model, load_tokenizer
+from hycam.evaluation import tables
+from hycam.evaluation.generation import greedy_generate, response_nll
+from hycam.evaluation.metrics import bleu4, perplexity, rouge_l
 
 SPLITS = ("test", "validation", "train", "all")
 RUN_CONFIG = "run_config.json"
@@ -71,7 +73,7 @@ class EvalOptions:
 def recorded_settings(checkpoint: str | Path) -> dict:
     """What the run recorded: its run_config.json (in the checkpoint dir or up to two levels above),
     overridden by the checkpoint's method.json; read without loading any model."""
-    from hycam.methods import read_method
+    from hycam.baselines.methods import read_method
 
     here = Path(checkpoint).resolve()
     if not here.is_dir():
@@ -130,14 +132,23 @@ def select_records(records: list[Record], options: EvalOptions) -> dict[str, lis
 
 def load_checkpoint(checkpoint: str, base_model: str | None, device: str) -> tuple[nn.Module, object, dict]:
     """(model, tokenizer, meta) of a trained checkpoint; a mismatch is a UsageError, not a traceback."""
-    from hycam.methods import load_trained
-
     try:
         return load_trained(checkpoint, base_model, device)
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UsageError(f"cannot load checkpoint {checkpoint} on base model {base_model or '(recorded)'}: "
                          f"{first_line}") from err
+
+
+def load_trained(checkpoint: str | Path, base_model: str | None = None, device: str = "cpu"):
+    """Rebuilds a trained model from a checkpoint dir of `main.py`: (model, tokenizer, meta)."""
+    meta = methods.read_method(checkpoint)
+    model_name = base_model or meta.get("model")
+    if model_name is None:
+        raise ValueError(f"{checkpoint}: the base model is not recorded; pass it explicitly")
+    gguf = meta.get("gguf_file") if base_model is None else None
+    model = methods.load_into(load_model(model_name, gguf), checkpoint)
+    return model.to(device).eval(), load_tokenizer(model_name, gguf), meta
 
 
 def stop_tokens(model: nn.Module, tokenizer) -> list[int]:
@@ -186,7 +197,7 @@ def average(metrics: dict[str, dict]) -> dict[str, float]:
 
 def evaluate(model: nn.Module, tokenizer, records: list[Record], options: EvalOptions,
              method: str) -> tuple[dict, list[dict]]:
-    """The result record (`hycam.tables`' format, plus what produced it) and the generations."""
+    """The result record (`hycam.evaluation.tables`' format, plus what produced it) and the generations."""
     by_task = select_records(records, options)
     torch.manual_seed(options.seed or 0)  # only noisy routing (eval_noise=True) draws from it
     metrics, generations = evaluate_records(model.eval(), tokenizer, by_task, options)

@@ -4,22 +4,21 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import sacrebleu
 import torch
 import torch.nn.functional as F
+from conftest import SHARED_DATA
 from rouge_score import rouge_scorer, scoring
 
-from hycam.metrics import bleu4, perplexity, rouge_l, tokenize_13a
+from hycam.evaluation.metrics import bleu4, perplexity, rouge_l, tokenize_13a
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def _real_outputs(task: str, count: int) -> list[str]:
-    path = DATA / f"{task}.jsonl"
+    path = SHARED_DATA / f"{task}.jsonl"
     if not path.exists():
         pytest.skip(f"task data not found at {path}")
     with path.open(encoding="utf-8") as lines:

@@ -1,6 +1,6 @@
 """What the paper's PEFT baselines share: wrap every nn.Linear of the decoder layers, take it out.
 
-Multi LoRA (`hycam.multilora`) and RieMoE-LoRA (`hycam.riemoe`) both replace a frozen `nn.Linear`
+Multi LoRA (`hycam.baselines.multilora`) and RieMoE-LoRA (`hycam.baselines.riemoe`) both replace a frozen `nn.Linear`
 by a module that computes `base(x) + delta(x)`. The wrapper keeps the original Linear object as
 `.base`, so removing a baseline puts back the very same modules and the backbone computes exactly
 what it did before. Trainable parameters are found by module type (every parameter of an

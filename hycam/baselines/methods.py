@@ -1,7 +1,7 @@
 """Every method of the paper's tables behind one interface: prepare, name what trains, save, load.
 
 Methods: HyCAM and its variants (`HyCAMConfig.variant` names), `lora` (peft, all linear layers),
-`multilora`, `riemoe` (hycam.multilora, hycam.riemoe) and `full` fine-tuning.
+`multilora`, `riemoe` (hycam.baselines.multilora, hycam.baselines.riemoe) and `full` fine-tuning.
 """
 
 from __future__ import annotations
@@ -66,8 +66,8 @@ def prepare(model: nn.Module, method: str, options: MethodOptions) -> nn.Module:
                           lora_dropout=0.0, task_type="CAUSAL_LM")
         return get_peft_model(model, lora)
     if method in ("multilora", "riemoe"):
-        from hycam.multilora import apply_multilora
-        from hycam.riemoe import apply_riemoe, register_riemannian_hooks
+        from hycam.baselines.multilora import apply_multilora
+        from hycam.baselines.riemoe import apply_riemoe, register_riemannian_hooks
 
         settings = dict(rank=options.expert_rank_or_default(), alpha=options.lora_alpha)
         if method == "multilora":
@@ -85,7 +85,7 @@ def trainable(model: nn.Module, method: str) -> dict[str, nn.Parameter]:
     if method in VARIANTS:
         return hycam.trainable_parameters(model)
     if method in ("multilora", "riemoe"):
-        from hycam.baselines import adapter_parameters
+        from hycam.baselines.adapters import adapter_parameters
 
         return adapter_parameters(model)
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
@@ -134,16 +134,3 @@ def load_into(model: nn.Module, path: str | Path) -> nn.Module:
         for name, param in params.items():
             param.copy_(tensors[name])
     return model
-
-
-def load_trained(checkpoint: str | Path, base_model: str | None = None, device: str = "cpu"):
-    """Rebuilds a trained model from a checkpoint dir of `main.py`: (model, tokenizer, meta)."""
-    from hycam.models import load_model, load_tokenizer
-
-    meta = read_method(checkpoint)
-    model_name = base_model or meta.get("model")
-    if model_name is None:
-        raise ValueError(f"{checkpoint}: the base model is not recorded; pass it explicitly")
-    gguf = meta.get("gguf_file") if base_model is None else None
-    model = load_into(load_model(model_name, gguf), checkpoint)
-    return model.to(device).eval(), load_tokenizer(model_name, gguf), meta

@@ -1,13 +1,13 @@
 """Compare methods over seeds: collect (or compute) each run's evaluation, write the paper's tables.
 
-    python -m hycam.compare runs/*/ --out comparison [--baselines lora multilora] [--tasks DATA ...]
+    python -m hycam.evaluation.compare runs/*/ --out comparison [--baselines lora multilora] [--tasks DATA ...]
 
 Each path is a result JSON (`results.json` of `hycam-eval`), a folder holding one, a checkpoint
 dir (`method.json`) or a run dir (its `best` checkpoint, or its only one). A checkpoint without
 `eval-SPLIT/results.json` is evaluated first by `hycam-eval`, with the evaluation options given
-here (by default on the run's own task files). The tables (`hycam.tables`) show mean ± std over
+here (by default on the run's own task files). The tables (`hycam.evaluation.tables`) show mean ± std over
 seeds, the best in bold and * where Welch's two-sided t-test of the best method against the best
-baseline gives p < 0.05. Default baselines: the paper's (`hycam.methods.BASELINES`) among the
+baseline gives p < 0.05. Default baselines: the paper's (`hycam.baselines.methods.BASELINES`) among the
 results; with none of them, every other method.
 """
 
@@ -18,8 +18,8 @@ import json
 import sys
 from pathlib import Path
 
-from hycam import evaluate, tables
-from hycam.methods import BASELINES, METHOD_FILE
+from hycam.evaluation import evaluate, tables
+from hycam.baselines.methods import BASELINES, METHOD_FILE
 
 
 class CompareError(Exception):
@@ -83,7 +83,7 @@ def compare(paths: list[str], output_dir: str | Path, baselines: list[str] | Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hycam.compare", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m hycam.evaluation.compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", help="result JSONs, eval folders, checkpoint or run dirs")
     parser.add_argument("--out", required=True, help="folder for comparison.md and comparison.json")
     parser.add_argument("--baselines", nargs="+", default=None, help="methods the best one is tested against")
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(compare(args.paths, args.out, args.baselines, args.split, eval_args))
     except CompareError as err:
-        print(f"hycam.compare: error: {err}", file=sys.stderr)
+        print(f"hycam.evaluation.compare: error: {err}", file=sys.stderr)
         return 2
     return 0
 

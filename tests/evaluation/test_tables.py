@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from scipy import stats
 
-from hycam.tables import load_results, markdown_overall, markdown_per_task, summarize
+from hycam.evaluation.tables import load_results, markdown_overall, markdown_per_task, summarize
 
 
 def _record(method: str, seed: int, ppl: float, bleu: float, rouge: float, tasks=("dolly", "webgpt")) -> dict:

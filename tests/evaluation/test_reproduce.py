@@ -1,6 +1,6 @@
 """scripts/reproduce.py and its report on a tiny Llama: the sweep picks and reuses runs, reruns skip.
 
-Every unit really runs (main.py, hycam.evaluate, scripts/plot.py), in this process to stay fast.
+Every unit really runs (main.py, hycam.evaluation.evaluate, scripts/plot.py), in this process to stay fast.
 """
 
 import importlib.util
@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO
 
 import main as train
-from hycam import evaluate
+from hycam.evaluation import evaluate
 
 
 def load_script(name: str):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hycam.baselines import AdapterLinear, apply_adapters, kaiming_uniform_, remove_adapters
+from hycam.baselines.adapters import AdapterLinear, apply_adapters, kaiming_uniform_, remove_adapters
 
 
 class MultiLoRALinear(AdapterLinear):

@@ -13,8 +13,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from hycam.data import Record, first_per_task, load_records, split_records, synthetic_tasks
-from hycam.prompts import collate, tokenize_records
-from hycam.train_config import TrainConfig
+from hycam.data import collate, tokenize_records
+from hycam.train.config import TrainConfig
 
 
 def init_distributed() -> tuple[int, int]:

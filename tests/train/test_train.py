@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import main as train
-from hycam import methods
+from hycam.baselines import methods
 from hycam.data import DataError
 
 FAST = ["--max_records_per_task", "3", "--max_length", "512", "--micro_batch_size", "2", "--grad_accum", "1",

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from hycam.baselines import AdapterLinear, apply_adapters, kaiming_uniform_, remove_adapters
+from hycam.baselines.adapters import AdapterLinear, apply_adapters, kaiming_uniform_, remove_adapters
 
 
 class MoELoRALinear(AdapterLinear):

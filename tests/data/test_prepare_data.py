@@ -4,13 +4,13 @@ import importlib.util
 import json
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 
+from conftest import REPO
+
 from hycam.data import Record, load_records
 
-REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("prepare_data", REPO / "scripts" / "prepare_data.py")
 prepare_data = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(prepare_data)

@@ -1,10 +1,9 @@
-"""Task records for multi-task fine-tuning: read and check them, split them, batch them, or make them.
+"""Task records for multi-task fine-tuning: read and check them, split them, or make them.
 
 A task file holds JSON lines ``{"task", "instruction", "input", "output"}`` (the project's format)
 or one JSON array of ``{"instruction", "input", "output"}`` objects (the Alpaca format the authors
 ship); a missing ``"task"`` is the file's stem. Bad data stops here, before any training, with a
-``DataError`` naming the file and line. Prompt formatting, tokenisation and batching live in
-``hycam.prompts`` and are re-exported here, so ``hycam.data`` is the one import a trainer needs.
+``DataError`` naming the file and line.
 """
 
 from __future__ import annotations
@@ -16,13 +15,6 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-from hycam.prompts import (IGNORE_INDEX, TokenizeStats, collate, format_prompt, multitask_batches, prompt_ids,
-                           tokenize_record, tokenize_records)
-
-__all__ = ["Record", "DataError", "load_records", "format_prompt", "prompt_ids", "tokenize_record",
-           "tokenize_records", "TokenizeStats", "split_records", "collate", "multitask_batches",
-           "synthetic_tasks", "IGNORE_INDEX"]
 
 FIELDS = ("task", "instruction", "input", "output")
 SPLITS = ("train", "validation", "test")

@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_model
 
 import hycam
-from hycam import plots
+from hycam.evaluation import plots
 from hycam.inject import decoder_layers
 
 

@@ -1,4 +1,4 @@
-"""hycam.data / hycam.prompts on the real SmolLM2 tokenizer and the real task files."""
+"""hycam.data on the real SmolLM2 tokenizer and the real task files."""
 
 import importlib.util
 import json
@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import SHARED_DATA
+
 from hycam.data import (DataError, Record, collate, format_prompt, load_records, multitask_batches, prompt_ids,
                         split_records, synthetic_tasks, tokenize_record, tokenize_records)
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 ROW = {"task": "qa", "instruction": "Name a colour.", "input": "", "output": "Blue."}
 WITH_INPUT = Record("code", "Reverse the list.", "xs = [1, 2, 3]", "xs[::-1]")
 NO_INPUT = Record("webgpt", "Who wrote Jane Eyre?", "", " Charlotte Bronte wrote it . [1]")
