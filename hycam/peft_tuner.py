@@ -8,9 +8,10 @@ saved, so the tensors in peft's file are exactly `hycam.save`'s, under peft's `b
 prefix and without an adapter name (HyCAM holds one adapter a model).
 
 The key mapping goes through the state-dict hooks that peft 0.21 gave its tuners
-(`BaseTuner._get_adapter_state_dict`, `_remap_adapter_state_dict_for_load`). Older peft versions
-select a method's tensors by the substring `prefix` and insert the adapter name after it, which
-would save HyCAM's tensors and then silently not load them; on those, the tuner refuses to start.
+(`BaseTuner._get_adapter_state_dict`, `_remap_adapter_state_dict_for_load`). peft 0.15-0.20 have
+`register_peft_method` but pick a method's tensors by the substring `prefix` and insert the adapter
+name after it on loading: their `save_pretrained` writes an adapter file without a single HyCAM
+tensor (seen on 0.20.0). On those, the tuner refuses to start.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class HyCAMModel(BaseTuner):
     def __init__(self, model: nn.Module, peft_config, adapter_name: str, **kwargs) -> None:
         if not hasattr(BaseTuner, "_remap_adapter_state_dict_for_load"):
             raise RuntimeError(f"HyCAM as a peft method needs peft>=0.21.0, this is {peft.__version__}: older "
-                               "versions would save HyCAM's weights and not load them back (see hycam.peft_tuner)")
+                               "versions write adapter files without HyCAM's tensors (see hycam.peft_tuner)")
         super().__init__(model, peft_config, adapter_name, **kwargs)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:

@@ -121,3 +121,18 @@ def test_lora_all_linear_on_a_hycam_model_leaves_hycam_layers_alone():
     assert wrapped == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     out = model(**padded_batch())
     assert out.router_logits.shape == (2, 3, 12, 5)
+
+
+def test_the_readme_peft_example_runs(tmp_path, monkeypatch):
+    import re
+
+    from conftest import REPO
+
+    block = re.search(r"### As a peft method\n.*?```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(block.group(1), "README.md", "exec"), scope)
+    ids = scope["ids"]
+    expected = scope["model"].eval()(input_ids=ids).logits
+    assert torch.equal(scope["restored"](input_ids=ids).logits, expected)
+    assert torch.equal(scope["also"](input_ids=ids).logits, expected)
