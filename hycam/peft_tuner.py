@@ -33,7 +33,7 @@ class HyCAMModel(BaseTuner):
     """peft's tuner of HyCAM: one adapter, injected by `hycam.apply`, not mergeable (SiLU is nonlinear)."""
 
     prefix = PREFIX
-    target_module_mapping: dict[str, list[str]] = {}
+    target_module_mapping: dict[str, list[str]] = {}  # peft tuners declare it; HyCAM finds its layers by layout
 
     def __init__(self, model: nn.Module, peft_config, adapter_name: str, **kwargs) -> None:
         if not hasattr(BaseTuner, "_remap_adapter_state_dict_for_load"):

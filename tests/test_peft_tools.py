@@ -73,8 +73,8 @@ def test_sft_trainer_with_a_hycam_peft_config_trains_hycam_only(tiny_model_dir, 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     args = SFTConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2,
-                     report_to=[], save_strategy="no", logging_steps=1, use_cpu=True, max_length=32,
-                     gradient_checkpointing=False)
+                     report_to=[], save_strategy="no", logging_steps=1, use_cpu=True, max_length=32)
+    assert args.gradient_checkpointing  # TRL's default: the router must train under it too
     data = Dataset.from_dict({"text": ["Let's think step by step. The answer is"] * 6})
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, peft_config=hycam.HyCAMConfig(rank=8),
                          processing_class=AutoTokenizer.from_pretrained(tiny_model_dir))
