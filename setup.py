@@ -16,13 +16,14 @@ setup(
         "transformers>=4.45,<6",
         "safetensors>=0.4",
         "numpy>=1.24",
+        "peft>=0.21",  # HyCAM is a peft method; 0.21 gave tuners the state-dict hooks it needs
     ],
     extras_require={
-        "train": ["deepspeed>=0.13", "peft>=0.14", "pyyaml>=6", "tqdm>=4.60", "tensorboard>=2.14",
+        "train": ["deepspeed>=0.13", "pyyaml>=6", "tqdm>=4.60", "tensorboard>=2.14",
                   "accelerate>=0.34", "gguf>=0.10", "sentencepiece>=0.2"],
         "eval": ["sacrebleu>=2.3", "rouge-score>=0.1.2", "nltk>=3.8", "scipy>=1.10", "matplotlib>=3.7",
                  "scikit-learn>=1.3", "tqdm>=4.60"],
-        "dev": ["hycam[train,eval]", "pytest>=7"],
+        "dev": ["hycam[train,eval]", "pytest>=7", "trl>=1.16", "lm-eval>=0.4.13"],
     },
     entry_points={"console_scripts": ["hycam-eval=hycam.evaluation.evaluate:main"]},
 )

@@ -4,6 +4,7 @@ from hycam.checkpoint import load, save
 from hycam.config import HyCAMConfig
 from hycam.inject import apply, decoder_layers, hycam_parameters, is_applied, remove, trainable_parameters
 from hycam.outputs import HyCAMCausalLMOutput, enable_checkpointing
+from hycam.peft_tuner import HyCAMModel  # registers HyCAM as a peft method
 from hycam.routing import gumbel_route, load_balancing_loss
 
 __version__ = "0.1.0"
@@ -11,6 +12,7 @@ __version__ = "0.1.0"
 __all__ = [
     "HyCAMCausalLMOutput",
     "HyCAMConfig",
+    "HyCAMModel",
     "apply",
     "decoder_layers",
     "enable_checkpointing",

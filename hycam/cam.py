@@ -19,10 +19,11 @@ from torch import nn
 from hycam.config import HyCAMConfig
 from hycam.fusion import weighted_silu_sum
 from hycam.outputs import record_routing
+from hycam.projection import Projection
 from hycam.routing import gumbel_route
 
 
-class Router(nn.Linear):
+class Router(Projection):
     """Token-level router; returns the logits and the Gumbel-softmax probabilities (Eq. 8-9)."""
 
     def __init__(self, hidden_size: int, config: HyCAMConfig, **factory) -> None:
@@ -45,7 +46,7 @@ class LowRankDown(nn.Module):
     def __init__(self, hidden_size: int, rank: int, num: int, **factory) -> None:
         super().__init__()
         self.rank, self.num = rank, num
-        self.down = nn.Linear(hidden_size, num * rank, bias=False, **factory)  # A_1..A_n stacked
+        self.down = Projection(hidden_size, num * rank, bias=False, **factory)  # A_1..A_n stacked
         self.mix = nn.Parameter(torch.empty(num, rank, rank, **factory))  # N_1..N_n
         self.reset_parameters()
 
@@ -72,10 +73,10 @@ class HyCAM(nn.Module):
         n, d = config.num_specialized, hidden_size
         self.shared = self.shared_down = None
         if config.shared and config.shared_rank is None:
-            self.shared = nn.Linear(d, d, bias=config.bias, **factory)
+            self.shared = Projection(d, d, bias=config.bias, **factory)
         elif config.shared:  # InversePEFT: low-rank shared CAM, W_shared = B N A
             self.shared_down = LowRankDown(d, config.shared_rank, 1, **factory)
-            self.shared = nn.Linear(config.shared_rank, d, bias=config.bias, **factory)
+            self.shared = Projection(config.shared_rank, d, bias=config.bias, **factory)
         self.router = Router(d, config, **factory) if n else None
         self.spec_down = LowRankDown(d, config.rank, n, **factory) if n and config.rank else None
         inner = config.rank or d
@@ -86,7 +87,7 @@ class HyCAM(nn.Module):
         self._inputs = self._adjacent_input_weights()
         self._input_sizes = [layer.out_features for layer in self._inputs]
 
-    def _adjacent_input_weights(self) -> list[nn.Linear]:
+    def _adjacent_input_weights(self) -> list[Projection]:
         """The linear layers that read h_norm (W_shared, A_1..A_n, W_router), their weights moved into
         one tensor, rows back to back, so that inference can multiply by all three at once."""
         layers = [self.shared, getattr(self.spec_down, "down", None), self.router]

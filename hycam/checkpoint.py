@@ -1,7 +1,10 @@
 """Save and load HyCAM's weights only: a JSON config beside one safetensors file.
 
-Loading executes nothing from the checkpoint (safetensors, JSON) and refuses a checkpoint made
-for another model family, size or HyCAM configuration.
+Saving writes its own files and nothing else: other files in the directory (a Trainer's, a
+tokenizer's) stay. Loading executes nothing from the checkpoint (safetensors, JSON), checks every
+field and tensor before it changes the model, and leaves the model as it was when it fails. It reads
+`hycam.save`'s files, peft's `adapter_config.json` + `adapter_model.safetensors` of a HyCAM adapter,
+and a full state dict (`model.safetensors` of `Trainer.save_model` on a HyCAM model).
 """
 
 from __future__ import annotations
@@ -14,30 +17,33 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from hycam.config import HyCAMConfig
-from hycam.inject import apply, hycam_parameters, is_applied
+from hycam.inject import apply, hycam_parameters, is_applied, remove
 
 CONFIG_NAME = "hycam_config.json"
 WEIGHTS_NAME = "hycam_model.safetensors"
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+FULL_WEIGHTS_NAME = "model.safetensors"
+PEFT_KEY_PREFIX = "base_model.model."  # what peft puts before the model's own parameter names
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | Path):
-    """Yields a temporary directory that replaces `path` only once the block has finished."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+def staged_files(path: str | Path):
+    """Yields an empty directory; once the block has finished, each file in it replaces the file of
+    that name in `path` (made if missing). Files of `path` with other names are never touched, and
+    an interrupted block changes nothing."""
+    path = Path(path).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".hycam-save-", dir=path))
     try:
         yield tmp
-        old = path.with_name(f".{path.name}.old")
-        if path.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        for file in sorted(tmp.iterdir(), key=lambda f: f.suffix == ".json"):  # JSON last: it names the weights
+            os.replace(file, path / file.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -64,13 +70,14 @@ def base_model_signature(model: nn.Module) -> dict:
 
 
 def save(model: nn.Module, path: str | Path) -> None:
-    """Writes `hycam_config.json` and `hycam_model.safetensors` to the directory `path`, atomically."""
+    """Writes `hycam_config.json` and `hycam_model.safetensors` into the directory `path`; other files
+    there are kept. Each file is replaced whole: a reader never sees half a file."""
     tensors = gather_tensors(hycam_parameters(model))
     write_checkpoint(path, tensors, WEIGHTS_NAME, {CONFIG_NAME: hycam_meta(model)})
 
 
 def hycam_meta(model: nn.Module) -> dict:
-    return {"hycam_config": model.hycam_config.to_dict(), "base_model": base_model_signature(model)}
+    return {"hycam_config": model.hycam_config.hycam_dict(), "base_model": base_model_signature(model)}
 
 
 def gather_tensors(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
@@ -84,53 +91,129 @@ def gather_tensors(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
 
 
 def write_checkpoint(path: str | Path, tensors: dict, weights_name: str, json_files: dict[str, dict]) -> None:
-    """Rank 0 writes the tensors and the JSON files into the directory `path`, atomically."""
+    """Rank 0 writes the tensors and the JSON files into the directory `path` (see `staged_files`)."""
     if not _is_writer():
         return
-    with atomic_directory(path) as tmp:
+    with staged_files(path) as tmp:
         save_file(tensors, tmp / weights_name, metadata={"format": "pt"})
         for name, content in json_files.items():
             (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
 
 
-def load(model: nn.Module, path: str | Path) -> nn.Module:
-    """Loads HyCAM weights saved by `save`; applies HyCAM first if the model has none yet."""
-    path = Path(path)
-    meta = read_config(path)
-    config = HyCAMConfig.from_dict(meta["hycam_config"])
-    expected, actual = meta["base_model"], base_model_signature(model)
-    if expected != actual:
-        raise ValueError(f"{path} was saved for base model {expected}, not for this one {actual}")
-    if not is_applied(model):
+def load(model: nn.Module, path: str | Path, config: HyCAMConfig | None = None) -> nn.Module:
+    """Loads HyCAM weights into `model`, applying HyCAM first if the model has none yet.
+
+    `path` holds `hycam.save`'s files, a peft HyCAM adapter, or a full state dict with HyCAM's
+    tensors in it (`model.safetensors`); the last needs `config`, which no Trainer file records.
+    Everything is checked before the model changes; on any failure the model is left as it was.
+    """
+    path = Path(path).expanduser()
+    config, weights = _read_checkpoint(model, path, config)
+    names = set(read_tensors(weights, keep=set()))  # reads the header only: a corrupt file stops here
+    fresh = not is_applied(model)
+    if fresh:
         apply(model, config)
     elif model.hycam_config != config:
-        raise ValueError(f"{path} holds HyCAM {config}, but this model has HyCAM {model.hycam_config}")
-    _copy_into(hycam_parameters(model), load_file(path / WEIGHTS_NAME), path / WEIGHTS_NAME)
+        raise ValueError(f"{path} holds a different HyCAM than this model's: "
+                         f"{'; '.join(config.differences(model.hycam_config))} (checkpoint vs model)")
+    try:
+        params = hycam_parameters(model)
+        _check_names(params, names, weights)
+        _copy_into(params, read_tensors(weights, keep=set(params)), weights)
+    except BaseException:
+        if fresh:
+            remove(model)
+        raise
     return model
 
 
+def _read_checkpoint(model: nn.Module, path: Path, config: HyCAMConfig | None) -> tuple[HyCAMConfig, Path]:
+    """The HyCAM config and the weights file of the checkpoint at `path`, checked against `model`."""
+    if (path / CONFIG_NAME).is_file():
+        meta = read_config(path)
+        _check_base_model(path / CONFIG_NAME, meta["base_model"], base_model_signature(model))
+        return _config_from(path / CONFIG_NAME, meta["hycam_config"]), path / WEIGHTS_NAME
+    if (path / PEFT_CONFIG_NAME).is_file():
+        return _config_from(path / PEFT_CONFIG_NAME, _read_json(path / PEFT_CONFIG_NAME)), path / PEFT_WEIGHTS_NAME
+    if (path / FULL_WEIGHTS_NAME).is_file() and config is not None:
+        return config, path / FULL_WEIGHTS_NAME
+    if (path / FULL_WEIGHTS_NAME).is_file():
+        raise ValueError(f"{path / FULL_WEIGHTS_NAME} is a full state dict, which does not record HyCAM's "
+                         f"configuration: pass it, hycam.load(model, path, config=hycam.HyCAMConfig(...))")
+    raise FileNotFoundError(f"no HyCAM checkpoint at {path}: none of {CONFIG_NAME}, {PEFT_CONFIG_NAME}, "
+                            f"{FULL_WEIGHTS_NAME} is there")
+
+
 def read_config(path: str | Path) -> dict:
-    file = Path(path) / CONFIG_NAME
+    file = Path(path).expanduser() / CONFIG_NAME
     if not file.is_file():
         raise FileNotFoundError(f"no HyCAM checkpoint at {path}: {CONFIG_NAME} is missing")
-    try:
-        meta = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{file}: not valid JSON ({err})") from err
+    meta = _read_json(file)
     if not {"hycam_config", "base_model"} <= set(meta):
         raise ValueError(f"{file}: expected the keys 'hycam_config' and 'base_model'")
     return meta
 
 
-def _copy_into(params: dict[str, nn.Parameter], tensors: dict[str, torch.Tensor], file: Path) -> None:
-    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+def _read_json(file: Path) -> dict:
+    try:
+        meta = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file}: not valid JSON ({err})") from err
+    if not isinstance(meta, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(meta).__name__}")
+    return meta
+
+
+def _config_from(file: Path, values) -> HyCAMConfig:
+    if not isinstance(values, dict):
+        raise ValueError(f"{file}: the HyCAM configuration must be a JSON object, got {values!r}")
+    if values.get("peft_type", "HYCAM") != "HYCAM":
+        raise ValueError(f"{file}: a {values['peft_type']} adapter, not a HyCAM one")
+    try:
+        return HyCAMConfig.from_dict(values)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{file}: {err}") from err
+
+
+def _check_base_model(file: Path, expected: dict, actual: dict) -> None:
+    differ = [f"{key} {expected.get(key)!r} (this model: {actual.get(key)!r})"
+              for key in sorted(set(expected) | set(actual)) if expected.get(key) != actual.get(key)]
+    if differ:
+        raise ValueError(f"{file}: saved for another base model: {'; '.join(differ)}")
+
+
+def read_tensors(file: Path, keep: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (those named in `keep`, if given), peft's `base_model.model.`
+    prefix taken off the names. With `keep` empty it reads only the header: the names, as None."""
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} is missing")
+    try:
+        with safe_open(file, framework="pt") as reader:
+            names = {key.removeprefix(PEFT_KEY_PREFIX): key for key in reader.keys()}
+            if keep is not None and not keep:
+                return dict.fromkeys(names)
+            return {name: reader.get_tensor(key) for name, key in names.items() if keep is None or name in keep}
+    except Exception as err:  # safetensors raises its own error types, which differ between versions
+        raise ValueError(f"{file}: not a readable safetensors file ({err})") from err
+
+
+def _check_names(params: dict[str, nn.Parameter], names: set[str], file: Path) -> None:
+    """The file must hold every HyCAM tensor; only a full state dict may hold others too."""
+    missing = sorted(set(params) - names)
+    unexpected = [] if file.name == FULL_WEIGHTS_NAME else sorted(names - set(params))
     if missing or unexpected:
         raise ValueError(f"{file} does not match this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    with gathered(list(params.values()), modifier_rank=0), torch.no_grad():
-        for name, param in params.items():
-            if tensors[name].shape != param.shape:
-                raise ValueError(f"{file}: {name} has shape {tuple(tensors[name].shape)}, the model {tuple(param.shape)}")
-            param.copy_(tensors[name])
+
+
+def _copy_into(params: dict[str, nn.Parameter], tensors: dict[str, torch.Tensor], file: Path) -> None:
+    with gathered(list(params.values()), modifier_rank=0):
+        wrong = [f"{name} has shape {tuple(tensors[name].shape)}, the model {tuple(param.shape)}"
+                 for name, param in params.items() if tensors[name].shape != param.shape]
+        if wrong:  # checked for all before any is copied: a failed load changes nothing
+            raise ValueError(f"{file}: {'; '.join(wrong[:3])}")
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(tensors[name])
 
 
 def _is_writer() -> bool:

@@ -1,4 +1,9 @@
-"""HyCAM configuration: one typed dataclass whose defaults are the paper's."""
+"""HyCAM configuration: one typed dataclass whose defaults are the paper's.
+
+It is a `peft.PeftConfig` too, so that `peft.get_peft_model(model, HyCAMConfig(...))`, TRL's
+`peft_config=` and peft's `adapter_config.json` take it as they take a `LoraConfig`. Its own fields
+(the HyCAM ones) are what `hycam.save` writes and what two configs are compared on.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +11,23 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
+from peft import PeftConfig
+
+from hycam.peft_type import HYCAM
+
 VARIANTS = ("hycam", "shared_only", "full_spec", "spec_only", "inverse_peft", "authors")
 
 
-@dataclass
-class HyCAMConfig:
-    """What HyCAM adds to a model (paper Section 3.3; defaults from its Section 4.1.5)."""
+@dataclass(eq=False)
+class HyCAMConfig(PeftConfig):
+    """What HyCAM adds to a model (paper Section 3.3; defaults from its Section 4.1.5).
+
+    The fields inherited from `PeftConfig` (`peft_type`, `task_type`, `base_model_name_or_path`,
+    `inference_mode`, ...) are peft's bookkeeping; HyCAM itself reads only the fields below.
+    """
+
+    task_type: str | None = "CAUSAL_LM"
+    """peft's task type; HyCAM adapts causal LMs, so peft wraps it in a `PeftModelForCausalLM`."""
 
     num_specialized: int = 5
     """N_s, the number of specialized CAMs routed per token; 0 leaves only the shared CAM."""
@@ -49,6 +65,12 @@ class HyCAMConfig:
     from a non-trivial modulation. 0.0 is the paper's zero init."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = HYCAM
+        for name in HYCAM_FIELDS:
+            _check_type(name, getattr(self, name), _FIELD_TYPES[name])
+        if self.layers is not None:
+            self.layers = list(self.layers)  # a tuple and its JSON list describe the same layers
         if self.num_specialized < 0:
             raise ValueError(f"num_specialized must be >= 0, got {self.num_specialized}")
         if not self.shared and self.num_specialized == 0:
@@ -83,13 +105,41 @@ class HyCAMConfig:
             raise ValueError(f"unknown HyCAM variant {name!r}; choose one of {', '.join(VARIANTS)}")
         return cls(**{**presets[name], **overrides})
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    def hycam_dict(self) -> dict:
+        """The HyCAM fields only: what `hycam_config.json` holds."""
+        return {name: getattr(self, name) for name in HYCAM_FIELDS}
+
+    def differences(self, other: HyCAMConfig) -> list[str]:
+        """'field: mine vs other' for every HyCAM field in which the two configs differ."""
+        return [f"{name}: {getattr(self, name)!r} vs {getattr(other, name)!r}"
+                for name in HYCAM_FIELDS if getattr(self, name) != getattr(other, name)]
+
+    def __eq__(self, other: object) -> bool:
+        # peft's bookkeeping (its version, the base model's name) does not change what HyCAM computes
+        return isinstance(other, HyCAMConfig) and not self.differences(other)
 
     @classmethod
     def from_dict(cls, values: dict) -> HyCAMConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        """From `hycam_dict()` or peft's `to_dict()` (an `adapter_config.json`); unknown keys are refused."""
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ValueError(f"unknown HyCAMConfig fields: {', '.join(unknown)}")
-        return cls(**values)
+        return cls(**{k: v for k, v in values.items() if k != "peft_type"})
+
+
+HYCAM_FIELDS = tuple(f.name for f in dataclasses.fields(HyCAMConfig) if f.name not in
+                     {f.name for f in dataclasses.fields(PeftConfig)})
+_FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(HyCAMConfig)}
+_KINDS = {"int": int, "float": (int, float), "bool": bool, "None": type(None), "list[int]": (list, tuple)}
+
+
+def _check_type(name: str, value, annotation: str) -> None:
+    """Refuses a value of the wrong type, e.g. rank=8.0 or hard_routing="false" (JSON and YAML give these)."""
+    options = [part.strip() for part in annotation.split("|")]
+    for option in options:
+        kind = str if option.startswith("Literal[") else _KINDS[option]
+        # bool is an int in Python: True is no rank, and 1 is no bool
+        if isinstance(value, kind) and isinstance(value, bool) == (option == "bool"):
+            if option != "list[int]" or all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                return
+    raise TypeError(f"HyCAMConfig.{name} must be {' or '.join(options)}, got {value!r} ({type(value).__name__})")

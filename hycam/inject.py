@@ -36,42 +36,77 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def apply(model: nn.Module, config: HyCAMConfig | None = None) -> nn.Module:
-    """Adds HyCAM to `model` in place, freezes the backbone, and returns the model."""
+    """Adds HyCAM to `model` in place, freezes the backbone, and returns the model. peft adapters
+    already in the model (e.g. LoRA) stay trainable. On failure the model is left exactly as it was."""
     config = config or HyCAMConfig()
+    if not isinstance(config, HyCAMConfig):
+        raise TypeError(f"hycam.apply needs a hycam.HyCAMConfig, got {type(config).__name__}")
     if is_applied(model):
         raise ValueError("this model already has HyCAM; call hycam.remove(model) first")
     if "forward" in vars(model):
         raise ValueError(f"{type(model).__name__}.forward is already patched on this instance; HyCAM patches it too")
     layers = decoder_layers(model)
     indices = _layer_indices(config, len(layers))
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    try:
+        _put_in(model, config, [layers[i] for i in indices])
+    except BaseException:
+        _take_out(model)
+        for name, param in model.named_parameters():
+            param.requires_grad_(flags[name])
+        raise
+    return model
+
+
+def _put_in(model: nn.Module, config: HyCAMConfig, layers: list[nn.Module]) -> None:
     hidden = model.config.hidden_size  # not a weight shape: under ZeRO-3 weights are empty here
     model._hycam_trainable_before = [name for name, p in model.named_parameters() if p.requires_grad]
-    model.requires_grad_(False)
-    for i in indices:
-        _inject_layer(layers[i], hidden, config)
+    adapters = _peft_adapter_parameters(model)
+    for param in model.parameters():
+        param.requires_grad_(param.requires_grad and id(param) in adapters)
+    for layer in layers:
+        _inject_layer(layer, hidden, config)
     model.hycam_config = config
     model.forward = types.MethodType(routed_forward_for(type(model)), model)
     for param in trainable_parameters(model).values():
         param.requires_grad_(True)
-    return model
 
 
 def remove(model: nn.Module) -> nn.Module:
     """Takes HyCAM out again: the backbone computes exactly what it did before `apply`."""
     if not is_applied(model):
         raise ValueError("this model has no HyCAM to remove")
+    trainable = set(model._hycam_trainable_before)
+    _take_out(model)
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in trainable)
+    release_workspace()
+    return model
+
+
+def _take_out(model: nn.Module) -> None:
+    """Undoes whatever part of `_put_in` happened: all of it (`remove`) or some (a failed `apply`)."""
     for layer in decoder_layers(model):
         if hasattr(layer.self_attn, "hycam"):
             _drop_hooks(layer.self_attn, _modulate)
             _drop_hooks(layer, _stash_residual, pre=True)
             del layer.self_attn.hycam
-    del model.forward, model.hycam_config
-    trainable = set(model._hycam_trainable_before)
-    del model._hycam_trainable_before
-    for name, param in model.named_parameters():
-        param.requires_grad_(name in trainable)
-    release_workspace()
-    return model
+    for name in ("forward", "hycam_config", "_hycam_trainable_before"):
+        vars(model).pop(name, None)
+
+
+def _peft_adapter_parameters(model: nn.Module) -> set[int]:
+    """The ids of the parameters of peft adapter layers (LoRA's lora_A, lora_B, ...): not backbone."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    found = set()
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            for attr in (*module.adapter_layer_names, *module.other_param_names):
+                part = getattr(module, attr, None)
+                if isinstance(part, nn.Module):
+                    found |= {id(p) for p in part.parameters()}
+    return found
 
 
 def is_applied(model: nn.Module) -> bool:
