@@ -1,15 +1,14 @@
-"""HyCAM: Hybrid Contextual Attention Modulation for transformers causal LMs (CIKM 2025)."""
+"""HyCAM: Hybrid Contextual Attention Modulation for transformers decoders (CIKM 2025)."""
 
 from hycam.checkpoint import load, save
 from hycam.config import HyCAMConfig
 from hycam.inject import apply, decoder_layers, hycam_parameters, is_applied, remove, trainable_parameters
-from hycam.outputs import HyCAMCausalLMOutput, enable_checkpointing
+from hycam.outputs import enable_checkpointing, set_gradient_accumulation
 from hycam.routing import gumbel_route, load_balancing_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "HyCAMCausalLMOutput",
     "HyCAMConfig",
     "apply",
     "decoder_layers",
@@ -21,5 +20,6 @@ __all__ = [
     "load_balancing_loss",
     "remove",
     "save",
+    "set_gradient_accumulation",
     "trainable_parameters",
 ]

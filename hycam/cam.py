@@ -18,7 +18,6 @@ from torch import nn
 
 from hycam.config import HyCAMConfig
 from hycam.fusion import weighted_silu_sum
-from hycam.outputs import record_routing
 from hycam.routing import gumbel_route
 
 
@@ -28,6 +27,7 @@ class Router(nn.Linear):
     def __init__(self, hidden_size: int, config: HyCAMConfig, **factory) -> None:
         super().__init__(hidden_size, config.num_specialized, bias=config.bias, **factory)
         self.tau, self.hard, self.eval_noise = config.tau, config.hard_routing, config.eval_noise
+        self.recorder = None  # the model's RoutingRecorder, once hycam.apply has put this router in a model
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.route(super().forward(h))
@@ -35,7 +35,8 @@ class Router(nn.Linear):
     def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """logits (B, L, N_s) -> (logits, probs)."""
         probs = gumbel_route(logits, self.tau, noise=self.training or self.eval_noise, hard=self.hard)
-        record_routing(logits, probs)
+        if self.recorder is not None:
+            self.recorder.record(logits, probs)
         return logits, probs
 
 
