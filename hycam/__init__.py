@@ -3,13 +3,15 @@
 from hycam.checkpoint import load, save
 from hycam.config import HyCAMConfig
 from hycam.inject import apply, decoder_layers, hycam_parameters, is_applied, remove, trainable_parameters
-from hycam.outputs import enable_checkpointing, set_gradient_accumulation
+from hycam.outputs import HyCAMCausalLMOutput, HyCAMModelOutput, enable_checkpointing, set_gradient_accumulation
 from hycam.routing import gumbel_route, load_balancing_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "HyCAMCausalLMOutput",
     "HyCAMConfig",
+    "HyCAMModelOutput",
     "apply",
     "decoder_layers",
     "enable_checkpointing",

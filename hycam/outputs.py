@@ -12,7 +12,8 @@ model; no `forward` is replaced):
   backpropagates a loss computed from the outputs also backpropagates `balance_coef * balance_loss`.
   `output.loss` stays the model's own task loss: adding the balance loss to it would count it twice.
 - on the model, after its forward: `balance_loss` (in training mode) and the router outputs (when asked)
-  are added to the model's own output, whatever its class.
+  are added to the model's own output: an instance of `hycam_output_class(its class)`, e.g.
+  `HyCAMCausalLMOutput` for `CausalLMOutputWithPast`, `HyCAMModelOutput` for a bare backbone's.
 
 How much of the step a forward's balance loss carries (Eq. 13 holds per optimiser step):
 `num_items_in_batch` (what transformers' Trainer and TRL pass) with the labels gives this micro-batch's
@@ -21,9 +22,12 @@ share of the step's target tokens; without it each forward carries 1 / `set_grad
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
 from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
 from hycam.routing import attach_balance_gradient, load_balancing_loss
@@ -100,16 +104,22 @@ def _begin_call(model: nn.Module, args: tuple, kwargs: dict):
     return args, kwargs
 
 
-def _share_of_step(kwargs: dict) -> torch.Tensor | None:
-    """This micro-batch's target tokens over the step's (`num_items_in_batch`), times the world size: Trainer
-    counts every rank's tokens there by default (`average_tokens_across_devices`) and DDP averages."""
+def _share_of_step(kwargs: dict, global_batch: bool) -> torch.Tensor | None:
+    """This micro-batch's share of the step's target tokens (`num_items_in_batch`, which Trainer counts over
+    every rank by default, `average_tokens_across_devices`). Local scope: this rank's tokens times the world
+    size, since DDP averages. Global scope: every rank's tokens, so that all ranks weigh their shared loss alike."""
     num_items, labels = kwargs.get("num_items_in_batch"), kwargs.get("shift_labels")
     if labels is None and kwargs.get("labels") is not None:
         labels = kwargs["labels"][..., 1:]  # causal LMs predict token t + 1 from position t
     if num_items is None or labels is None:
         return None
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    return labels.ne(-100).sum() * world / num_items
+    count = labels.ne(-100).sum()
+    if dist.is_available() and dist.is_initialized():
+        if global_batch:
+            dist.all_reduce(count)
+        else:
+            count = count * dist.get_world_size()
+    return count / num_items
 
 
 def _open_records(backbone: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -136,10 +146,15 @@ def _attach_balance(norm: nn.Module, args: tuple):
     recorder.result = {"balance_loss": balance, "hycam_router_logits": logits, "hycam_router_probs": probs}
     if not (balance.requires_grad and config.balance_coef):
         return None
-    share = _share_of_step(recorder.loss_kwargs)
+    return (attach_balance_gradient(args[0], balance, _balance_weight(recorder, global_batch, balance)), *args[1:])
+
+
+def _balance_weight(recorder: RoutingRecorder, global_batch: bool, balance: torch.Tensor) -> torch.Tensor:
+    """balance_coef times this forward's share of the optimiser step, as a tensor (a Python float that changes
+    from step to step would make a compiler recompile)."""
+    share = _share_of_step(recorder.loss_kwargs, global_batch)
     share = 1.0 / recorder.accumulation_steps if share is None else share
-    weight = torch.as_tensor(share, dtype=balance.dtype, device=balance.device) * config.balance_coef
-    return (attach_balance_gradient(args[0], balance, weight), *args[1:])
+    return torch.as_tensor(share, dtype=balance.dtype, device=balance.device) * recorder.config.balance_coef
 
 
 def _finish_call(model: nn.Module, args: tuple, output):
@@ -149,10 +164,29 @@ def _finish_call(model: nn.Module, args: tuple, output):
         return output
     if not isinstance(output, ModelOutput):
         raise TypeError(f"HyCAM needs {type(model).__name__} to return a ModelOutput: do not pass return_dict=False")
-    for key, value in result.items():
-        if recorder.want_routing or (model.training and key == "balance_loss"):
-            output[key] = value  # ModelOutput keeps a new key as an item and an attribute
-    return output
+    extra = {k: v for k, v in result.items() if recorder.want_routing or (model.training and k == "balance_loss")}
+    return hycam_output_class(type(output))(**output, **extra) if extra else output
+
+
+def hycam_output_class(base: type) -> type:
+    """`base` (a transformers ModelOutput) with HyCAM's fields: a class of its own, since data parallelism and
+    compilers rebuild outputs from their class's fields."""
+    if base not in _OUTPUT_CLASSES:
+        name = f"HyCAM{base.__name__}"
+        fields = [(key, torch.Tensor | None, dataclasses.field(default=None)) for key in HYCAM_FIELDS]
+        doc = f"{base.__name__} plus HyCAM's {', '.join(HYCAM_FIELDS)} (see `hycam.outputs.HYCAM_FIELDS`)."
+        cls = dataclasses.make_dataclass(name, fields, bases=(base,), namespace={"__doc__": doc, "__module__": __name__})
+        globals()[name] = _OUTPUT_CLASSES[base] = cls  # found by name when an output is unpickled
+    return _OUTPUT_CLASSES[base]
+
+
+HYCAM_FIELDS = ("balance_loss", "hycam_router_logits", "hycam_router_probs")
+"""balance_loss: Eq. 10 over the non-padding tokens of all layers stacked, unweighted (in training mode, or when
+asked). hycam_router_logits, hycam_router_probs: `[num_layers, batch, seq_len, num_specialized]`, the router
+logits and the Gumbel-softmax probabilities the fusion used (when asked with `output_hycam_routing=True`)."""
+_OUTPUT_CLASSES: dict[type, type] = {}
+HyCAMCausalLMOutput = hycam_output_class(CausalLMOutputWithPast)
+HyCAMModelOutput = hycam_output_class(BaseModelOutputWithPast)
 
 
 def _token_mask(attention_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
