@@ -22,7 +22,7 @@ setup(
                   "accelerate>=0.34", "gguf>=0.10", "sentencepiece>=0.2"],
         "eval": ["sacrebleu>=2.3", "rouge-score>=0.1.2", "nltk>=3.8", "scipy>=1.10", "matplotlib>=3.7",
                  "scikit-learn>=1.3", "tqdm>=4.60"],
-        "dev": ["hycam[train,eval]", "pytest>=7"],
+        "dev": ["hycam[train,eval]", "pytest>=7", "trl>=1.0", "datasets>=2.18"],
     },
     entry_points={"console_scripts": ["hycam-eval=hycam.evaluate:main"]},
 )

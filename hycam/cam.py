@@ -105,7 +105,8 @@ class HyCAM(nn.Module):
     def _merged_input_weight(self) -> torch.Tensor | None:
         """[W_shared; A; W_router] as one view, while the weights still lie back to back in one storage
         (`.to()`, a deep copy or a DeepSpeed partition may have moved them apart), else None."""
-        if not self._inputs or torch.is_grad_enabled():
+        # Compiled: storage pointers are Python-level facts a graph cannot hold; the compiler fuses anyway.
+        if not self._inputs or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return None
         weights = [layer.weight for layer in self._inputs]
         first, end = weights[0], weights[0].data_ptr()

@@ -147,3 +147,37 @@ def test_two_gloo_ranks_accumulating_update_the_routers_as_one_batch(tmp_path, n
     whole = trainer_update(tmp_path, micro_batch=4, accumulation=1)
     for update in updates:
         torch.testing.assert_close(update, whole)
+
+
+def test_trl_sft_trainer_trains_the_router_with_the_balance_term(tiny_model_dir, tmp_path, no_noise):
+    """SFTTrainer computes its loss from the fused LM head's log-probabilities, not from `out.loss`."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    def model_with_hycam(coef):
+        torch.manual_seed(0)
+        config = hycam.HyCAMConfig(rank=8, init_std=0.3, balance_coef=coef)
+        return hycam.apply(AutoModelForCausalLM.from_pretrained(tiny_model_dir), config).train()
+
+    model, calls = model_with_hycam(0.1), []
+    model.register_forward_pre_hook(lambda m, a, k: calls.append(dict(k)) if torch.is_grad_enabled() else None,
+                                    with_kwargs=True)
+    before = torch.cat([layer.self_attn.hycam.router.weight.detach().flatten() for layer in model.model.layers])
+    texts = ["Let's think step by step.", "The answer is", "Let's think. The answer is step", "step by step"]
+    args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, learning_rate=1.0,
+                     optim="sgd", max_grad_norm=0.0, lr_scheduler_type="constant", report_to=[], use_cpu=True,
+                     save_strategy="no", max_length=32, bf16=False)  # fp32: compared with an fp32 reference
+    SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": texts}),
+               processing_class=AutoTokenizer.from_pretrained(tiny_model_dir)).train()
+    after = torch.cat([layer.self_attn.hycam.router.weight.detach().flatten() for layer in model.model.layers])
+    (call,) = calls
+    assert call.pop("fused_lm_head") is True
+    reference = model_with_hycam(0.0)
+    out = reference(**call)
+    task_grad = torch.autograd.grad(out.loss, [l.self_attn.hycam.router.weight for l in reference.model.layers],
+                                    retain_graph=True)
+    balance_grad = torch.autograd.grad(out.balance_loss, [l.self_attn.hycam.router.weight for l in reference.model.layers])
+    task_grad, balance_grad = torch.cat([g.flatten() for g in task_grad]), torch.cat([g.flatten() for g in balance_grad])
+    torch.testing.assert_close(before - after, task_grad + 0.1 * balance_grad)
+    assert (0.1 * balance_grad).abs().max() > 100 * 1e-5  # the balance term is far above the tolerance
