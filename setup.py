@@ -12,7 +12,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["hycam", "hycam.*"]),
     install_requires=[
-        "torch>=2.1",
+        "torch>=2.3",  # torch.compiler.is_compiling
         "transformers>=4.45,<6",
         "safetensors>=0.4",
         "numpy>=1.24",
