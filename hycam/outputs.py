@@ -159,7 +159,7 @@ def _balance_weight(recorder: RoutingRecorder, global_batch: bool, balance: torc
 
 def _finish_call(model: nn.Module, args: tuple, output):
     recorder = model.hycam_recorder
-    result, recorder.result, recorder.loss_kwargs = recorder.result, None, {}
+    result, recorder.result, recorder.loss_kwargs, recorder.mask = recorder.result, None, {}, None
     if result is None:
         return output
     if not isinstance(output, ModelOutput):

@@ -68,6 +68,19 @@ def test_set_gradient_accumulation_weighs_each_forward_by_one_over_the_steps():
         hycam.set_gradient_accumulation(model, 0)
 
 
+def test_with_num_items_in_batch_a_forward_carries_its_share_of_the_steps_target_tokens():
+    batch = labelled(padded_batch())
+    count = int(batch["labels"][:, 1:].ne(-100).sum())  # 29 of the step's 50
+    model = modulated(coef=0.4)
+    torch.manual_seed(3)
+    model(**batch, num_items_in_batch=torch.tensor(50)).logits.sum().backward()
+    by_hand = modulated(coef=0.0)
+    torch.manual_seed(3)
+    out = by_hand(**batch)
+    (out.logits.sum() + 0.4 * count / 50 * out.balance_loss).backward()
+    torch.testing.assert_close(router_grads(model), router_grads(by_hand))
+
+
 def rows() -> list[dict]:
     """Four rows, the last two a copy of the first two: two micro-batches of two see what one batch of four sees."""
     batch = labelled(padded_batch(batch=2, length=10))
