@@ -133,6 +133,8 @@ def _attach_balance(norm: nn.Module, args: tuple):
     records, recorder.records = recorder.records, None
     if records is None:  # the norm ran outside a backbone forward
         return None
+    if not (norm.training or recorder.want_routing or torch.is_grad_enabled()):
+        return None  # generation, evaluation: nothing would read the balance loss or the router outputs
     if not records:  # shared CAM only: nothing is routed
         recorder.result = {"balance_loss": torch.zeros((), device=args[0].device)}
         return None
