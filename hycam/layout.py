@@ -47,9 +47,11 @@ def find_layout(model: nn.Module) -> Layout:
     """The backbone, its layers and final norm; a ValueError naming the class and the missing part else."""
     name = type(model).__name__
     config = getattr(model, "config", None)
-    if config is None or getattr(config, "hidden_size", None) is None:
-        sub = [key for key in ("text_config", "vision_config") if hasattr(config, key)]
-        what = f"a multimodal model ({' and '.join(sub)})" if sub else "a model without config.hidden_size"
+    sub = [key for key in ("text_config", "vision_config") if hasattr(config, key)]
+    if sub or getattr(config, "hidden_size", None) is None:
+        what = "a model without config.hidden_size"
+        if sub:
+            what = f"a multimodal model (its config has {' and '.join(sub)})"
         raise ValueError(f"{name} is {what}: HyCAM supports text decoders such as "
                          f"{', '.join(SUPPORTED_MODEL_TYPES)}; apply it to a causal LM or its bare backbone")
     if getattr(config, "use_parallel_residual", False):

@@ -177,7 +177,8 @@ def hycam_output_class(base: type) -> type:
         name = f"HyCAM{base.__name__}"
         fields = [(key, torch.Tensor | None, dataclasses.field(default=None)) for key in HYCAM_FIELDS]
         doc = f"{base.__name__} plus HyCAM's {', '.join(HYCAM_FIELDS)} (see `hycam.outputs.HYCAM_FIELDS`)."
-        cls = dataclasses.make_dataclass(name, fields, bases=(base,), namespace={"__doc__": doc, "__module__": __name__})
+        namespace = {"__doc__": doc, "__module__": __name__}
+        cls = dataclasses.make_dataclass(name, fields, bases=(base,), namespace=namespace)
         globals()[name] = _OUTPUT_CLASSES[base] = cls  # found by name when an output is unpickled
     return _OUTPUT_CLASSES[base]
 

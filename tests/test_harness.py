@@ -187,10 +187,9 @@ def test_trl_sft_trainer_trains_the_router_with_the_balance_term(tiny_model_dir,
     (call,) = calls
     assert call.pop("fused_lm_head") is True
     reference = model_with_hycam(0.0)
+    routers = [layer.self_attn.hycam.router.weight for layer in reference.model.layers]
     out = reference(**call)
-    task_grad = torch.autograd.grad(out.loss, [l.self_attn.hycam.router.weight for l in reference.model.layers],
-                                    retain_graph=True)
-    balance_grad = torch.autograd.grad(out.balance_loss, [l.self_attn.hycam.router.weight for l in reference.model.layers])
-    task_grad, balance_grad = torch.cat([g.flatten() for g in task_grad]), torch.cat([g.flatten() for g in balance_grad])
+    task_grad = torch.cat([g.flatten() for g in torch.autograd.grad(out.loss, routers, retain_graph=True)])
+    balance_grad = torch.cat([g.flatten() for g in torch.autograd.grad(out.balance_loss, routers)])
     torch.testing.assert_close(before - after, task_grad + 0.1 * balance_grad)
     assert (0.1 * balance_grad).abs().max() > 100 * 1e-5  # the balance term is far above the tolerance
