@@ -4,7 +4,8 @@
     deepspeed main.py --config configs/qwen2.5-0.5b.yaml        # every GPU of this machine
     bash run_model_base.sh --help                               # multi-GPU / multi-node launcher
 
-Loss: L_task + lambda_balance * L_balance (paper Eq. 13; the model adds the second term).
+Loss: L_task + lambda_balance * L_balance (paper Eq. 13): the model returns L_task as its loss and attaches the
+second term's gradient itself (hycam.outputs), weighted per optimizer step (set_gradient_accumulation).
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import hycam
 from hycam import enable_checkpointing
 from hycam.baselines import methods
-from hycam.data.models import load_model, load_tokenizer
 from hycam.data import collate, multitask_batches
+from hycam.data.models import load_model, load_tokenizer
 from hycam.train.config import TrainConfig, parse_args
 from hycam.train.run import (MetricsLog, cosine_with_warmup, deepspeed_config, init_distributed, prepare_splits,
-                            validation_loss)
+                             validation_loss)
 
 
 @dataclass
@@ -95,6 +97,8 @@ def setup(cfg: TrainConfig, rank: int, world: int, log) -> Run:
         model.config.use_cache = False
     options = methods.MethodOptions(**{f.name: getattr(cfg, f.name) for f in fields(methods.MethodOptions)})
     model = methods.prepare(model, cfg.method, options)
+    if hycam.is_applied(model):  # DeepSpeed's backward divides the loss by grad_accum; the balance term too
+        hycam.set_gradient_accumulation(model, cfg.grad_accum)
     params = methods.trainable(model, cfg.method)
     trainable = sum(p.numel() for p in params.values())
     log(f"{cfg.method}: {trainable:,} trainable of {sum(p.numel() for p in model.parameters()):,} parameters")
@@ -168,8 +172,11 @@ def _micro_step(run: Run, examples: list[dict], progress: Progress):
 
 
 def _train_record(run: Run, output, progress: Progress, seconds: float) -> dict:
-    return {"step": progress.step, "split": "train", "loss": _item(output.loss),
-            "task_loss": _item(output.get("task_loss", output.loss)), "balance_loss": _item(output.get("balance_loss")),
+    task, balance = _item(output.loss), _item(output.get("balance_loss"))
+    coef = getattr(getattr(run.engine.module, "hycam_config", None), "balance_coef", 0.0)
+    # loss: the objective trained (Eq. 13); task_loss: the model's output.loss; balance_loss: Eq. 10 unweighted
+    return {"step": progress.step, "split": "train", "loss": task if math.isnan(balance) else task + coef * balance,
+            "task_loss": task, "balance_loss": balance,
             "lr": run.engine.get_lr()[0], "tokens_per_s": progress.tokens / seconds}
 
 

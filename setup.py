@@ -12,7 +12,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["hycam", "hycam.*"]),
     install_requires=[
-        "torch>=2.1",
+        "torch>=2.3",  # torch.compiler.is_compiling
         "transformers>=4.45,<6",
         "safetensors>=0.4",
         "numpy>=1.24",
@@ -23,7 +23,7 @@ setup(
                   "accelerate>=0.34", "gguf>=0.10", "sentencepiece>=0.2"],
         "eval": ["sacrebleu>=2.3", "rouge-score>=0.1.2", "nltk>=3.8", "scipy>=1.10", "matplotlib>=3.7",
                  "scikit-learn>=1.3", "tqdm>=4.60"],
-        "dev": ["hycam[train,eval]", "pytest>=7", "trl>=1.16", "lm-eval>=0.4.13"],
+        "dev": ["hycam[train,eval]", "pytest>=7", "trl>=1.16", "lm-eval>=0.4.13", "datasets>=2.18"],
     },
     entry_points={"console_scripts": ["hycam-eval=hycam.evaluation.evaluate:main"]},
 )

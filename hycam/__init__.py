@@ -1,9 +1,9 @@
-"""HyCAM: Hybrid Contextual Attention Modulation for transformers causal LMs (CIKM 2025)."""
+"""HyCAM: Hybrid Contextual Attention Modulation for transformers decoders (CIKM 2025)."""
 
 from hycam.checkpoint import load, save
 from hycam.config import HyCAMConfig
 from hycam.inject import apply, decoder_layers, hycam_parameters, is_applied, remove, trainable_parameters
-from hycam.outputs import HyCAMCausalLMOutput, enable_checkpointing
+from hycam.outputs import HyCAMCausalLMOutput, HyCAMModelOutput, enable_checkpointing, set_gradient_accumulation
 from hycam.peft_tuner import HyCAMModel  # registers HyCAM as a peft method
 from hycam.routing import gumbel_route, load_balancing_loss
 
@@ -13,6 +13,7 @@ __all__ = [
     "HyCAMCausalLMOutput",
     "HyCAMConfig",
     "HyCAMModel",
+    "HyCAMModelOutput",
     "apply",
     "decoder_layers",
     "enable_checkpointing",
@@ -23,5 +24,6 @@ __all__ = [
     "load_balancing_loss",
     "remove",
     "save",
+    "set_gradient_accumulation",
     "trainable_parameters",
 ]

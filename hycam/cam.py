@@ -18,7 +18,6 @@ from torch import nn
 
 from hycam.config import HyCAMConfig
 from hycam.fusion import weighted_silu_sum
-from hycam.outputs import record_routing
 from hycam.projection import Projection
 from hycam.routing import gumbel_route
 
@@ -29,6 +28,7 @@ class Router(Projection):
     def __init__(self, hidden_size: int, config: HyCAMConfig, **factory) -> None:
         super().__init__(hidden_size, config.num_specialized, bias=config.bias, **factory)
         self.tau, self.hard, self.eval_noise = config.tau, config.hard_routing, config.eval_noise
+        self.recorder = None  # the model's RoutingRecorder, once hycam.apply has put this router in a model
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.route(super().forward(h))
@@ -36,7 +36,8 @@ class Router(Projection):
     def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """logits (B, L, N_s) -> (logits, probs)."""
         probs = gumbel_route(logits, self.tau, noise=self.training or self.eval_noise, hard=self.hard)
-        record_routing(logits, probs)
+        if self.recorder is not None:
+            self.recorder.record(logits, probs)
         return logits, probs
 
 
@@ -105,7 +106,8 @@ class HyCAM(nn.Module):
     def _merged_input_weight(self) -> torch.Tensor | None:
         """[W_shared; A; W_router] as one view, while the weights still lie back to back in one storage
         (`.to()`, a deep copy or a DeepSpeed partition may have moved them apart), else None."""
-        if not self._inputs or torch.is_grad_enabled():
+        # Compiled: storage pointers are Python-level facts a graph cannot hold; the compiler fuses anyway.
+        if not self._inputs or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return None
         weights = [layer.weight for layer in self._inputs]
         first, end = weights[0], weights[0].data_ptr()

@@ -29,11 +29,19 @@ def weighted_silu_sum(
     x, probs = x.reshape(-1, *x.shape[-2:]), probs.reshape(-1, probs.size(-1))  # (T, N_s, r), (T, N_s)
     # One dtype throughout, x's: under autocast x comes from a low-precision matmul while up stays float32.
     up, bias, probs = (t if t is None else t.to(x.dtype) for t in (up, bias, probs))
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, up, bias, probs)):
+    if torch.compiler.is_compiling():  # scratch memory is Python state a graph cannot hold; the compiler fuses anyway
+        out = _plain(x, up, bias, probs)
+    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, up, bias, probs)):
         out = _WeightedSiluSum.apply(x, up, bias, probs)
     else:  # inference: the same arithmetic without the autograd.Function's overhead per call
         out = _forward(x, up, bias, probs)
     return out.reshape(*lead, up.size(1))
+
+
+def _plain(x: torch.Tensor, up: torch.Tensor, bias: torch.Tensor | None, probs: torch.Tensor) -> torch.Tensor:
+    pre = torch.einsum("tkr,kdr->tkd", x, up)  # (T, N_s, d)
+    pre = pre if bias is None else pre + bias
+    return (F.silu(pre) * probs.unsqueeze(-1)).sum(1)  # (T, d)
 
 
 _scratch = threading.local()

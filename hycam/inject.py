@@ -1,73 +1,63 @@
-"""Put HyCAM into a transformers causal LM, take it out, and name its parameters.
+"""Put HyCAM into a transformers model, take it out, and name its parameters.
 
 HyCAM touches a decoder layer in one place: a forward hook on `self_attn` reads the attention's
 input (h_norm) and rewrites `output[0]` (h_att). No transformers `forward` body is copied and the
-backbone's parameter names do not change. One patch on the model's own `forward`
-(`hycam.outputs`) stacks what every router produced and adds the balance loss.
+backbone's parameter names do not change. Hooks on the backbone, its final norm and the model
+(`hycam.outputs`) gather what every router produced and attach the balance loss.
 """
 
 from __future__ import annotations
 
-import types
-
 import torch
 from torch import nn
 
+from hycam import outputs
 from hycam.cam import HyCAM, Router
 from hycam.config import HyCAMConfig
 from hycam.fusion import release_workspace
-from hycam.outputs import routed_forward_for
+from hycam.layout import SUPPORTED_MODEL_TYPES, decoder_layers, find_layout
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
-LAYER_PARTS = ("self_attn", "input_layernorm", "post_attention_layernorm", "mlp")
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers, found by their layout (norm -> self_attn -> add -> norm -> mlp -> add)."""
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) and all(
-            all(hasattr(layer, part) for part in LAYER_PARTS) for layer in module
-        ):
-            return module
-    raise ValueError(
-        f"{type(model).__name__} has no list of decoder layers with {', '.join(LAYER_PARTS)}: HyCAM supports "
-        f"{', '.join(SUPPORTED_MODEL_TYPES)} and decoders laid out like them"
-    )
+__all__ = ["SUPPORTED_MODEL_TYPES", "apply", "decoder_layers", "hycam_parameters", "is_applied", "remove",
+           "trainable_parameters"]
 
 
 def apply(model: nn.Module, config: HyCAMConfig | None = None) -> nn.Module:
-    """Adds HyCAM to `model` in place, freezes the backbone, and returns the model. peft adapters
-    already in the model (e.g. LoRA) stay trainable. On failure the model is left exactly as it was."""
+    """Adds HyCAM to `model` in place, freezes the backbone, and returns the model.
+
+    `model` is a causal LM, a bare backbone (`LlamaModel`, ...) or another head on one; a model HyCAM
+    cannot serve is refused before anything changes, with the class and the missing part named.
+    peft adapters already in the model (e.g. LoRA) stay trainable. On failure the model is left
+    exactly as it was.
+    """
     config = config or HyCAMConfig()
     if not isinstance(config, HyCAMConfig):
         raise TypeError(f"hycam.apply needs a hycam.HyCAMConfig, got {type(config).__name__}")
     if is_applied(model):
         raise ValueError("this model already has HyCAM; call hycam.remove(model) first")
-    if "forward" in vars(model):
-        raise ValueError(f"{type(model).__name__}.forward is already patched on this instance; HyCAM patches it too")
-    layers = decoder_layers(model)
-    indices = _layer_indices(config, len(layers))
+    layout = find_layout(model)
+    indices = _layer_indices(config, len(layout.layers))
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     try:
-        _put_in(model, config, [layers[i] for i in indices])
+        _put_in(model, config, layout, indices)
     except BaseException:
-        _take_out(model)
+        _take_out(model, layout)
         for name, param in model.named_parameters():
             param.requires_grad_(flags[name])
         raise
     return model
 
 
-def _put_in(model: nn.Module, config: HyCAMConfig, layers: list[nn.Module]) -> None:
+def _put_in(model: nn.Module, config: HyCAMConfig, layout, indices: list[int]) -> None:
     hidden = model.config.hidden_size  # not a weight shape: under ZeRO-3 weights are empty here
     model._hycam_trainable_before = [name for name, p in model.named_parameters() if p.requires_grad]
     adapters = _peft_adapter_parameters(model)
     for param in model.parameters():
         param.requires_grad_(param.requires_grad and id(param) in adapters)
-    for layer in layers:
-        _inject_layer(layer, hidden, config)
+    recorder = outputs.RoutingRecorder(config)
+    for i in indices:
+        _inject_layer(layout.layers[i], hidden, config, recorder)
     model.hycam_config = config
-    model.forward = types.MethodType(routed_forward_for(type(model)), model)
+    outputs.install(model, layout.backbone, layout.norm, recorder)
     for param in trainable_parameters(model).values():
         param.requires_grad_(True)
 
@@ -77,21 +67,22 @@ def remove(model: nn.Module) -> nn.Module:
     if not is_applied(model):
         raise ValueError("this model has no HyCAM to remove")
     trainable = set(model._hycam_trainable_before)
-    _take_out(model)
+    _take_out(model, find_layout(model))
     for name, param in model.named_parameters():
         param.requires_grad_(name in trainable)
     release_workspace()
     return model
 
 
-def _take_out(model: nn.Module) -> None:
+def _take_out(model: nn.Module, layout) -> None:
     """Undoes whatever part of `_put_in` happened: all of it (`remove`) or some (a failed `apply`)."""
-    for layer in decoder_layers(model):
+    for layer in layout.layers:
         if hasattr(layer.self_attn, "hycam"):
-            _drop_hooks(layer.self_attn, _modulate)
-            _drop_hooks(layer, _stash_residual, pre=True)
+            outputs.drop_hooks(layer.self_attn, _modulate)
+            outputs.drop_hooks(layer, _stash_residual, pre=True)
             del layer.self_attn.hycam
-    for name in ("forward", "hycam_config", "_hycam_trainable_before"):
+    outputs.uninstall(model, layout.backbone, layout.norm)
+    for name in ("hycam_config", "_hycam_trainable_before"):
         vars(model).pop(name, None)
 
 
@@ -150,10 +141,12 @@ def _layer_indices(config: HyCAMConfig, num_layers: int) -> list[int]:
     return indices
 
 
-def _inject_layer(layer: nn.Module, hidden: int, config: HyCAMConfig) -> None:
+def _inject_layer(layer: nn.Module, hidden: int, config: HyCAMConfig, recorder: outputs.RoutingRecorder) -> None:
     weight = next(layer.parameters())
     cam = HyCAM(hidden, config, device=weight.device, dtype=weight.dtype).train(layer.training)
     cam.residual = None
+    if cam.router is not None:
+        cam.router.recorder = recorder
     layer.self_attn.hycam = cam
     layer.self_attn.register_forward_hook(_modulate, with_kwargs=True)
     if config.modulate == "residual":
@@ -174,12 +167,3 @@ def _modulate(attn: nn.Module, args: tuple, kwargs: dict, output):
 
 def _stash_residual(layer: nn.Module, args: tuple, kwargs: dict) -> None:
     layer.self_attn.hycam.residual = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-
-
-def _drop_hooks(module: nn.Module, hook, pre: bool = False) -> None:
-    # Handles are not kept: a deep-copied model would share them with the original.
-    hooks = module._forward_pre_hooks if pre else module._forward_hooks
-    with_kwargs = module._forward_pre_hooks_with_kwargs if pre else module._forward_hooks_with_kwargs
-    for hook_id in [i for i, fn in hooks.items() if fn is hook]:
-        del hooks[hook_id]
-        with_kwargs.pop(hook_id, None)

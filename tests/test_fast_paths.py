@@ -159,8 +159,8 @@ def test_nothing_of_size_experts_x_tokens_x_hidden_is_kept_for_backward(variant)
 def test_router_calls_outside_a_model_forward_are_not_recorded():
     model = hycam.apply(tiny_model(), hycam.HyCAMConfig(rank=8))
     model.model.layers[0].self_attn.hycam(torch.randn(1, 3, 64))  # a stray call, outside model.forward
-    out = model(**padded_batch(batch=2, length=5))
-    assert out.router_logits.shape == (2, 2, 5, 5)
+    out = model(**padded_batch(batch=2, length=5), output_hycam_routing=True)
+    assert out.hycam_router_logits.shape == (2, 2, 5, 5)
 
 
 def test_training_under_cpu_autocast_runs():

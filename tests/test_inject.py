@@ -46,19 +46,21 @@ def test_backbone_gets_no_gradient(family):
 
 def test_output_shapes(family):
     model = hycam.apply(tiny_model(family), hycam.HyCAMConfig(num_specialized=4, rank=8))
-    out = model(**padded_batch(batch=3, length=12))
-    assert out.router_logits.shape == out.router_probs.shape == (2, 3, 12, 4)
+    out = model(**padded_batch(batch=3, length=12), output_hycam_routing=True)
+    assert out.hycam_router_logits.shape == out.hycam_router_probs.shape == (2, 3, 12, 4)
     assert out.balance_loss.shape == () and out.loss is None
 
 
-def test_loss_is_task_loss_plus_weighted_balance_loss():
+def test_loss_is_the_task_loss_and_the_balance_loss_is_reported_beside_it():
     model = hycam.apply(tiny_model(), hycam.HyCAMConfig(rank=8, balance_coef=0.3)).train()
     batch = padded_batch()
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    out = model(**batch, labels=labels)
+    out = model(**batch, labels=labels, output_hycam_routing=True)
     shifted = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-    torch.testing.assert_close(out.task_loss, shifted)
-    torch.testing.assert_close(out.loss, shifted + 0.3 * out.balance_loss)
+    torch.testing.assert_close(out.loss, shifted)
+    keep = batch["attention_mask"].bool()
+    expected = hycam.load_balancing_loss(out.hycam_router_logits[:, keep], out.hycam_router_probs[:, keep])
+    torch.testing.assert_close(out.balance_loss, expected)
 
 
 def test_one_step_moves_shared_specialized_and_router_weights():
@@ -111,8 +113,8 @@ def test_deepcopy_is_independent():
     clone = copy.deepcopy(model)
     hycam.remove(clone)
     batch = padded_batch()
-    assert model(**batch).router_logits is not None
-    assert not hasattr(clone(**batch), "router_logits")
+    assert model(**batch, output_hycam_routing=True).hycam_router_logits is not None
+    assert "hycam_router_logits" not in clone(**batch)
 
 
 def test_applying_twice_is_refused():
@@ -132,7 +134,7 @@ def test_a_model_without_decoder_layers_is_refused_by_name():
 def test_layers_option_limits_injection():
     model = hycam.apply(tiny_model(num_hidden_layers=3), hycam.HyCAMConfig(rank=8, layers=[0, 2]))
     assert [hasattr(layer.self_attn, "hycam") for layer in model.model.layers] == [True, False, True]
-    assert model(**padded_batch()).router_logits.shape[0] == 2
+    assert model(**padded_batch(), output_hycam_routing=True).hycam_router_logits.shape[0] == 2
     with pytest.raises(ValueError, match="layers"):
         hycam.apply(tiny_model(), hycam.HyCAMConfig(layers=[5]))
 

@@ -36,9 +36,9 @@ def test_balance_loss_ignores_padding_tokens():
 def test_model_balance_loss_is_the_formula_over_all_layers_and_real_tokens(family):
     model = hycam.apply(tiny_model(family), hycam.HyCAMConfig(rank=8)).train()
     batch = padded_batch()
-    out = model(**batch)
+    out = model(**batch, output_hycam_routing=True)
     keep = batch["attention_mask"].bool()
-    expected = seed_readme_balance_loss(out.router_logits[:, keep], out.router_probs[:, keep])
+    expected = seed_readme_balance_loss(out.hycam_router_logits[:, keep], out.hycam_router_probs[:, keep])
     torch.testing.assert_close(out.balance_loss, expected)
 
 
@@ -76,15 +76,15 @@ def test_hard_routing_is_one_hot_with_the_soft_gradient():
 def test_evaluation_is_deterministic_and_training_is_noisy():
     model = hycam.apply(tiny_model(), hycam.HyCAMConfig(rank=8, init_std=0.3))
     batch = padded_batch()
-    assert torch.equal(model(**batch).router_probs, model(**batch).router_probs)
+    assert torch.equal(model(**batch, output_hycam_routing=True).hycam_router_probs, model(**batch, output_hycam_routing=True).hycam_router_probs)
     model.train()
-    assert not torch.equal(model(**batch).router_probs, model(**batch).router_probs)
+    assert not torch.equal(model(**batch, output_hycam_routing=True).hycam_router_probs, model(**batch, output_hycam_routing=True).hycam_router_probs)
 
 
 def test_eval_noise_option_keeps_noise_at_evaluation():
     model = hycam.apply(tiny_model(), hycam.HyCAMConfig(rank=8, eval_noise=True))
     batch = padded_batch()
-    assert not torch.equal(model(**batch).router_probs, model(**batch).router_probs)
+    assert not torch.equal(model(**batch, output_hycam_routing=True).hycam_router_probs, model(**batch, output_hycam_routing=True).hycam_router_probs)
 
 
 def test_balance_loss_alone_trains_the_router():

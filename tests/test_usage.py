@@ -27,9 +27,9 @@ def test_cached_decoding_matches_the_full_forward():
     ids = torch.randint(1, 128, (1, 9))
     full = model(input_ids=ids).logits[:, -1]
     past = model(input_ids=ids[:, :-1], use_cache=True).past_key_values
-    step = model(input_ids=ids[:, -1:], past_key_values=past, use_cache=True)
+    step = model(input_ids=ids[:, -1:], past_key_values=past, use_cache=True, output_hycam_routing=True)
     torch.testing.assert_close(step.logits[:, -1], full, atol=1e-5, rtol=0)
-    assert step.router_logits.shape == (2, 1, 1, 5)
+    assert step.hycam_router_logits.shape == (2, 1, 1, 5)
 
 
 def losses_and_grads(model, batch):
@@ -81,9 +81,9 @@ def test_bf16_runs_and_stays_close_to_fp32():
     batch = padded_batch()
     reference = modulated()(**batch).logits
     model = modulated().to(torch.bfloat16)
-    out = model(**batch, labels=batch["input_ids"])
+    out = model(**batch, labels=batch["input_ids"], output_hycam_routing=True)
     assert model.model.layers[0].self_attn.hycam.shared.weight.dtype == torch.bfloat16
-    assert out.router_probs.dtype == torch.float32 and torch.isfinite(out.loss)
+    assert out.hycam_router_probs.dtype == torch.float32 and torch.isfinite(out.loss)
     keep = batch["attention_mask"].bool()
     torch.testing.assert_close(out.logits[keep].float(), reference[keep], atol=0.05, rtol=0.05)
 
@@ -93,15 +93,15 @@ def test_padding_does_not_change_a_sequences_outputs():
     batch = padded_batch()
     row = 2
     alone = batch["input_ids"][row : row + 1, batch["attention_mask"][row].bool()]
-    single = model(input_ids=alone)
-    together = model(**batch)
+    single = model(input_ids=alone, output_hycam_routing=True)
+    together = model(**batch, output_hycam_routing=True)
     keep = batch["attention_mask"][row].bool()
     torch.testing.assert_close(together.logits[row, keep], single.logits[0], atol=1e-5, rtol=0)
-    torch.testing.assert_close(together.router_probs[:, row, keep], single.router_probs[:, 0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(together.hycam_router_probs[:, row, keep], single.hycam_router_probs[:, 0], atol=1e-5, rtol=0)
 
 
 def test_no_grad_evaluation_builds_no_graph():
     model = modulated()
     with torch.no_grad():
-        out = model(**padded_batch())
+        out = model(**padded_batch(), output_hycam_routing=True)
     assert not out.logits.requires_grad and not out.balance_loss.requires_grad

@@ -157,7 +157,8 @@ def expert_utilisation(model: nn.Module, examples_by_task: dict[str, Sequence[di
         sums: dict[str, torch.Tensor] = {}
         tokens = 0
         for ids, mask in _batches(examples, batch_size, pad_token_id):
-            probs = model(input_ids=ids.to(device), attention_mask=mask.to(device)).get("router_probs")
+            ask = {"output_hycam_routing": True} if getattr(model, "hycam_config", None) else {}
+            probs = model(input_ids=ids.to(device), attention_mask=mask.to(device), **ask).get("hycam_router_probs")
             if probs is None:
                 raise ValueError("the model has no routers: expert utilisation needs HyCAM with num_specialized > 0")
             probs = probs.double()[:, mask.to(device).bool()]  # (layers, tokens, N_s)

@@ -79,7 +79,7 @@ def random_examples(lengths, task="t", seed=0):
 def test_expert_utilisation_counts_every_real_token_once_and_no_padding():
     model, examples = modulated(), random_examples([4, 9, 2, 7])
     stats = plots.expert_utilisation(model, {"t": examples}, pad_token_id=0, batch_size=4)["t"]
-    probs = torch.cat([model(input_ids=torch.tensor([e["input_ids"]])).router_probs[:, 0] for e in examples], 1)
+    probs = torch.cat([model(input_ids=torch.tensor([e["input_ids"]]), output_hycam_routing=True).hycam_router_probs[:, 0] for e in examples], 1)
     argmax_share = [[float((layer.argmax(-1) == k).double().mean()) for k in range(3)] for layer in probs]
     entropy = [float(-(layer * layer.log()).sum(-1).mean()) for layer in probs]
     assert stats["tokens"] == 22
