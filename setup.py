@@ -19,9 +19,9 @@ setup(
     ],
     extras_require={
         "train": ["deepspeed>=0.13", "peft>=0.14", "pyyaml>=6", "tqdm>=4.60", "tensorboard>=2.14",
-                  "accelerate>=0.34", "gguf>=0.10", "sentencepiece>=0.2"],
+                  "accelerate>=0.34", "gguf>=0.10", "sentencepiece>=0.2", "datasets>=2.14"],
         "eval": ["sacrebleu>=2.3", "rouge-score>=0.1.2", "nltk>=3.8", "scipy>=1.10", "matplotlib>=3.7",
-                 "scikit-learn>=1.3", "tqdm>=4.60"],
+                 "scikit-learn>=1.3", "tqdm>=4.60", "datasets>=2.14"],
         "dev": ["hycam[train,eval]", "pytest>=7"],
     },
     entry_points={"console_scripts": ["hycam-eval=hycam.evaluation.evaluate:main"]},

@@ -34,7 +34,7 @@ from hycam.data import Record, prompt_ids, tokenize_records
 from hycam.data.models import load_model, load_tokenizer
 from hycam.evaluation import tables
 from hycam.evaluation.selection import (SPLITS, EvalOptions, UsageError, describe, read_tasks, resolve_options,
-                                        scored, select_records, task_files)
+                                        scored, select_records, task_files, trained_on)
 from hycam.evaluation.generation import greedy_generate, response_nll
 from hycam.evaluation.metrics import bleu4, perplexity, rouge_l
 
@@ -205,6 +205,14 @@ def default_output_dir(checkpoint: str | None, split: str) -> Path:
     return Path(checkpoint) / f"eval-{split}" if checkpoint else Path(f"eval-base-{split}")
 
 
+def announce(account: dict, trained_files: list[str]) -> None:
+    """Says what is about to be scored, before the slow part, and when the user's files were trained on."""
+    print(f"hycam-eval: scoring {describe(account)}", flush=True)
+    if trained_files:
+        print(f"hycam-eval: note: {', '.join(trained_files)}: the run's training data, scored whole (--split test "
+              "scores only the run's test split)", flush=True)
+
+
 def score(args: argparse.Namespace) -> tuple[dict, list[dict]]:
     """The command's work: records chosen and described, the model loaded, everything scored."""
     if args.checkpoint is None and (args.base_model is None or not args.tasks):
@@ -217,7 +225,7 @@ def score(args: argparse.Namespace) -> tuple[dict, list[dict]]:
     files = task_files(args.tasks, recorded)
     by_task = select_records(read_tasks(files, recorded), options)  # before the model loads: bad data fails fast
     account = scored(files, by_task, options)
-    print(f"hycam-eval: scoring {describe(account)}", flush=True)
+    announce(account, trained_on(files, recorded) if args.tasks and options.split == "all" else [])
     if args.checkpoint:
         model, tokenizer, _ = load_checkpoint(args.checkpoint, args.base_model, args.device)
     else:

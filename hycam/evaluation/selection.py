@@ -108,6 +108,13 @@ def select_records(records: list[Record], options: EvalOptions) -> dict[str, lis
     return by_task
 
 
+def trained_on(files: list[str], recorded: dict) -> list[str]:
+    """The items of ``files`` that are, or lie in, the run's own ``--data`` (paths as seen from here)."""
+    trained = [Path(item).resolve() for item in recorded.get("data") or [] if Path(item).exists()]
+    return [item for item in files if Path(item).exists() and
+            any(Path(item).resolve() == t or t in Path(item).resolve().parents for t in trained)]
+
+
 def scored(files: list[str], by_task: dict[str, list[Record]], options: EvalOptions) -> dict:
     """What is scored, for results.json: the sources, how records were chosen, and how many per task."""
     sources = [item if not Path(item).exists() else str(Path(item).resolve()) for item in files]

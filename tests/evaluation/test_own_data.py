@@ -43,9 +43,10 @@ def run_main(argv):
 def own(tiny_model_dir, tmp_path_factory):
     """A HyCAM run capped at 40 records per task, two user files, and hycam-eval run on them."""
     root = tmp_path_factory.mktemp("own")
-    hundred = write_tasks(root / "hundred.jsonl", {"sort": 100})
+    (root / "trainset").mkdir()
+    hundred = write_tasks(root / "trainset" / "hundred.jsonl", {"sort": 100})  # the run's data, as a user may pass it
     mixed = write_tasks(root / "mixed.jsonl", {"reverse": 3, "capitalize": 4})
-    cfg = TrainConfig(model=str(tiny_model_dir), data=[str(root / "train")], max_records_per_task=CAP, seed=SEED)
+    cfg = TrainConfig(model=str(tiny_model_dir), data=[str(root / "trainset")], max_records_per_task=CAP, seed=SEED)
     (root / "run").mkdir()
     (root / "run" / "run_config.json").write_text(json.dumps(asdict(cfg)))
     model = hycam.apply(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
@@ -92,6 +93,13 @@ def test_what_is_scored_is_printed_first_and_put_in_results_md(own):
     for run, line in ((own.whole, whole), (own.split, split), (own.base, mixed)):
         assert run.printed.splitlines()[0] == f"hycam-eval: scoring {line}"
         assert (run.out / "results.md").read_text().startswith(f"Scored: {line}\n")
+
+
+def test_the_runs_own_training_files_scored_whole_get_a_note(own):
+    note = (f"hycam-eval: note: {own.hundred}: the run's training data, scored whole (--split test scores only the "
+            "run's test split)")
+    assert own.whole.printed.splitlines()[1] == note
+    assert "note:" not in own.split.printed and "note:" not in own.mixed_run.printed
 
 
 @torch.no_grad()
