@@ -8,6 +8,7 @@ import math
 from dataclasses import asdict
 from types import SimpleNamespace
 
+import datasets
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -154,6 +155,14 @@ def test_the_base_model_and_a_trained_run_share_one_comparison_table(own, tmp_pa
     summary = json.loads((tmp_path / "comparison.json").read_text())
     assert [run["method"] for run in summary["runs"]] == ["base", "hycam"]
     assert set(summary["overall"]["ppl"]["mean"]) == {"base", "hycam"}
+
+
+def test_a_saved_dataset_is_scored_as_its_task_file(own, tiny_model_dir, tmp_path):
+    datasets.Dataset.from_list([asdict(r) for r in load_records(own.mixed)]).save_to_disk(str(tmp_path / "saved"))
+    argv = ["--base-model", str(tiny_model_dir), "--tasks", str(tmp_path / "saved"), *FAST]
+    assert run_main([*argv, "--output-dir", str(tmp_path / "out")])[0] == 0
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["tasks"] == own.base.result["tasks"]
+    assert (tmp_path / "out" / "generations.jsonl").read_text() == (own.base.out / "generations.jsonl").read_text()
 
 
 def error_line(capsys):
