@@ -156,7 +156,8 @@ def write_results(result: dict, generations: list[dict], output_dir: str | Path)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     scored_line = f"Scored: {describe(result['scored'])}\n\n" if "scored" in result else ""
-    markdown = (f"{scored_line}## Per task ({result['split']} split)\n\n{tables.markdown_per_task([result])}\n"
+    part = "all records" if result["split"] == "all" else f"{result['split']} split"
+    markdown = (f"{scored_line}## Per task ({part})\n\n{tables.markdown_per_task([result])}\n"
                 f"## Averaged over tasks\n\n{tables.markdown_overall([result])}")
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "results.md").write_text(markdown)
