@@ -6,7 +6,8 @@
     python scripts/plot.py tsne --checkpoint CKPT --tasks ../shared/data --layer 15 --out tsne.png
 
 Records for `experts` and `tsne` are chosen as `hycam-eval` chooses them (the run's test split, or
-every record of the files given with `--tasks`), tokenised as training saw them (prompt and response). Bad input exits with code 2.
+every record of the files given with `--tasks`), tokenised as training saw them (prompt and
+response). Bad input exits with code 2.
 """
 
 from __future__ import annotations

@@ -56,11 +56,13 @@ def fingerprint(records: Sequence[Record], tokenizer: Any, plan: _Plan) -> str:
 
 
 def _features():
+    """The cached columns' types, given so that a batch of skipped records (empty lists) types the same."""
     import datasets
 
     ids = datasets.Sequence(datasets.Value("int64"))
-    return datasets.Features({"input_ids": ids, "labels": ids, "attention_mask": datasets.Sequence(datasets.Value("int8")),
-                              "task": datasets.Value("string"), "outcome": datasets.Value("string")})
+    mask = datasets.Sequence(datasets.Value("int8"))
+    text = datasets.Value("string")
+    return datasets.Features({"input_ids": ids, "labels": ids, "attention_mask": mask, "task": text, "outcome": text})
 
 
 def _tokenize_batch(batch: dict[str, list], tokenizer: Any, plan: _Plan) -> dict[str, list]:

@@ -81,7 +81,8 @@ def test_a_user_file_of_n_records_is_scored_n_whatever_the_runs_cap(own, name, c
 
 def test_asking_for_a_split_rebuilds_the_runs_split_of_the_files_with_its_cap(own):
     expected = split_records(first_per_task(load_records(own.hundred), CAP), SEED)["test"]
-    assert [(row["instruction"], row["input"]) for row in own.split.rows] == [(r.instruction, r.input) for r in expected]
+    scored = [(row["instruction"], row["input"]) for row in own.split.rows]
+    assert scored == [(r.instruction, r.input) for r in expected]
     assert own.split.result["scored"] == {"files": [str(own.hundred)], "split": "test", "seed": SEED,
                                           "max_records_per_task": CAP, "limit": None, "records": {"sort": 4}}
 

@@ -51,4 +51,5 @@ def test_a_saved_dataset_trains_like_its_task_file(tiny_model_dir, tmp_path):
     progress, _ = train.main(["--model", str(tiny_model_dir), "--data", str(tmp_path / "saved"),
                               "--output_dir", str(tmp_path / "out"), *FAST])
     assert progress.step == 1
-    assert [json.loads(line)["split"] for line in (tmp_path / "out" / "metrics.jsonl").open()] == ["train", "validation"]
+    splits = [json.loads(line)["split"] for line in (tmp_path / "out" / "metrics.jsonl").open()]
+    assert splits == ["train", "validation"]
