@@ -25,14 +25,19 @@ def task_file(path, records):
     return path
 
 
+def standalone_env() -> dict:
+    """This environment without the process group that an in-process main.py left in it (its port is taken)."""
+    group = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    return {**{k: v for k, v in os.environ.items() if k not in group}, "OMP_NUM_THREADS": "1"}
+
+
 @pytest.mark.parametrize("existing", [0, 2])
 def test_a_missing_data_path_stops_python_main_py_naming_it(tiny_model_dir, tmp_path, existing):
     good = [str(task_file(tmp_path / f"good{i}.jsonl", synthetic_tasks(4, seed=i))) for i in range(existing)]
     typo = tmp_path / "tasks" / "godo.jsonl"
     command = [sys.executable, str(REPO / "main.py"), "--model", str(tiny_model_dir), "--data", *good[:1], str(typo),
                *good[1:], "--output_dir", str(tmp_path / "out"), *FAST]
-    done = subprocess.run(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                          text=True, timeout=600)
+    done = subprocess.run(command, cwd=REPO, env=standalone_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode != 0
     assert f"{typo}: no such file or folder" in done.stderr
     assert not (tmp_path / "out" / "metrics.jsonl").exists() and not (tmp_path / "out" / "run_config.json").exists()
