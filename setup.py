@@ -20,10 +20,10 @@ setup(
     ],
     extras_require={
         "train": ["deepspeed>=0.13", "pyyaml>=6", "tqdm>=4.60", "tensorboard>=2.14",
-                  "accelerate>=0.34", "gguf>=0.10", "sentencepiece>=0.2"],
+                  "accelerate>=0.34", "gguf>=0.10", "sentencepiece>=0.2", "datasets>=2.14"],
         "eval": ["sacrebleu>=2.3", "rouge-score>=0.1.2", "nltk>=3.8", "scipy>=1.10", "matplotlib>=3.7",
-                 "scikit-learn>=1.3", "tqdm>=4.60"],
-        "dev": ["hycam[train,eval]", "pytest>=7", "trl>=1.16", "lm-eval>=0.4.13", "datasets>=2.18"],
+                 "scikit-learn>=1.3", "tqdm>=4.60", "datasets>=2.14"],
+        "dev": ["hycam[train,eval]", "pytest>=7", "trl>=1.16", "lm-eval>=0.4.13"],
     },
     entry_points={"console_scripts": ["hycam-eval=hycam.evaluation.evaluate:main"]},
 )

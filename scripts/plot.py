@@ -5,8 +5,9 @@
     python scripts/plot.py experts --checkpoint CKPT --tasks ../shared/data --out experts.png
     python scripts/plot.py tsne --checkpoint CKPT --tasks ../shared/data --layer 15 --out tsne.png
 
-Records for `experts` and `tsne` are chosen as `hycam-eval` chooses them (the run's test split by
-default), tokenised as training saw them (prompt and response). Bad input exits with code 2.
+Records for `experts` and `tsne` are chosen as `hycam-eval` chooses them (the run's test split, or
+every record of the files given with `--tasks`), tokenised as training saw them (prompt and
+response). Bad input exits with code 2.
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ def _examples_by_task(args: argparse.Namespace):
     """The model, the pad id and the tokenised records of each task, chosen like hycam-eval."""
     recorded = evaluate.recorded_settings(args.checkpoint)
     chosen = EvalOptions(split=args.split, seed=args.seed, limit=args.limit)
-    options = evaluate.resolve_options(chosen, recorded, args.checkpoint)
-    records = evaluate.read_tasks(evaluate.task_files(args.tasks, recorded))
+    options = evaluate.resolve_options(chosen, recorded, args.checkpoint, tasks_given=bool(args.tasks))
+    records = evaluate.read_tasks(evaluate.task_files(args.tasks, recorded), recorded)
     model, tokenizer, _ = evaluate.load_checkpoint(args.checkpoint, args.base_model, args.device)
     by_task = {}
     for task, task_records in evaluate.select_records(records, options).items():
@@ -85,7 +86,8 @@ def _model_args(sub: argparse.ArgumentParser) -> None:
 
 def _record_args(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--tasks", nargs="+", default=None, help="task files or folders (default: the run's)")
-    sub.add_argument("--split", choices=evaluate.SPLITS, default="test")
+    sub.add_argument("--split", choices=evaluate.SPLITS, default=None,
+                     help="default: all of --tasks, else the run's test split (as hycam-eval)")
     sub.add_argument("--seed", type=int, default=None, help="split seed (default: the run's)")
     sub.add_argument("--limit", type=int, default=None, help="records per task")
     sub.add_argument("--batch-size", type=int, default=8)

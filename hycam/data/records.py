@@ -70,7 +70,7 @@ def _read_file(path: Path) -> list[Record]:
     if not text.strip():
         raise DataError(f"{path}, line 1: empty file, no records")
     rows = _json_array(path, text) if text.lstrip().startswith("[") else _json_lines(path, text)
-    records = [_to_record(path, line, obj) for line, obj in rows]
+    records = [to_record(obj, f"{path}, line {line}", path.stem) for line, obj in rows]
     if not records:
         raise DataError(f"{path}, line 1: the JSON array is empty, no records")
     return records
@@ -115,11 +115,11 @@ def _skip_space(text: str, pos: int) -> int:
     return pos
 
 
-def _to_record(path: Path, line: int, obj: object) -> Record:
-    where = f"{path}, line {line}"
+def to_record(obj: object, where: str, default_task: str) -> Record:
+    """``obj`` checked as a record (extra keys are ignored); ``where`` starts every error message."""
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {_json_type(obj)}")
-    values = {"task": path.stem, **obj}
+    values = {"task": default_task, **obj}
     for name in FIELDS:
         if name not in values:
             raise DataError(f"{where}: missing field {name!r}")

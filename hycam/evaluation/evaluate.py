@@ -1,15 +1,18 @@
-"""Evaluate a trained checkpoint of any method: PPL, BLEU-4 and ROUGE-L per task and averaged.
+"""Evaluate a trained checkpoint of any method, or the base model: PPL, BLEU-4 and ROUGE-L per task.
 
-    hycam-eval --checkpoint runs/hycam-2333/best [--tasks ../shared/data] [--base-model DIR]
+    hycam-eval --checkpoint runs/hycam-2333/best [--tasks MY_TEST_FILES] [--base-model DIR]
+    hycam-eval --base-model DIR --tasks MY_TEST_FILES --output-dir eval/base
 
 PPL is token-level per task: exp(summed NLL of every response token of the task / their number),
 not a mean of per-sample perplexities (long answers weigh more, as in a language-model PPL).
 BLEU-4 (corpus-level) and ROUGE-L score greedy generations against the reference outputs. The
 average row is the unweighted mean over tasks of each task's number, as the paper reports
-averages over its five tasks. `--split test` (the default) rebuilds the run's split as main.py
-made it (the run's task files unless `--tasks` is given, its `max_records_per_task` cap, seed and
-fold, from `run_config.json` beside the checkpoint and its `method.json`) and scores its test
-part, so no training record is scored.
+averages over its five tasks. Without `--tasks` the run's own test split is scored, rebuilt as
+main.py made it (its task files, `max_records_per_task` cap, seed and fold, from `run_config.json`
+beside the checkpoint and its `method.json`), so no training record is scored. Files given with
+`--tasks` are scored whole unless `--split` or `--limit` asks otherwise (`selection`). Without
+`--checkpoint`, `--base-model` is scored untrained, with the same prompts, tokenisation and decoding.
+What is scored is printed first and recorded in `results.json` ("scored").
 Results go to `results.json` (the record `hycam.evaluation.tables` reads), `results.md` and
 `generations.jsonl` in `--output-dir`. Bad input exits with code 2 and one line naming it.
 """
@@ -20,54 +23,22 @@ import argparse
 import json
 import statistics
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from hycam.baselines import methods
-from hycam.data import (DataError, Record, first_per_task, load_records, prompt_ids, split_records,
-                        tokenize_records)
+from hycam.data import Record, prompt_ids, tokenize_records
 from hycam.data.models import load_model, load_tokenizer
 from hycam.evaluation import tables
+from hycam.evaluation.selection import (SPLITS, EvalOptions, UsageError, describe, read_tasks, resolve_options,
+                                        scored, select_records, task_files, trained_on)
 from hycam.evaluation.generation import greedy_generate, response_nll
 from hycam.evaluation.metrics import bleu4, perplexity, rouge_l
 
-SPLITS = ("test", "validation", "train", "all")
 RUN_CONFIG = "run_config.json"
-
-
-class UsageError(Exception):
-    """Input the evaluation cannot use (checkpoint, base model, task files, options): exit code 2."""
-
-
-@dataclass
-class EvalOptions:
-    """How records are chosen, tokenised and decoded; each field has a CLI flag of the same name."""
-
-    split: str = "test"
-    """Which records: the run's 'test', 'validation' or 'train' split, or 'all' of them."""
-    seed: int | None = None
-    """Seed of split_records; None: the run's seed (method.json or run_config.json)."""
-    template: str | None = None
-    """Prompt template; None: the run's, else 'auto'."""
-    max_length: int | None = None
-    """Max tokens of prompt + response for PPL; None: the run's, else 1200 (the paper's)."""
-    max_new_tokens: int = 128
-    """Generation budget per record."""
-    batch_size: int = 8
-    """Records per forward pass, for PPL and for generation."""
-    limit: int | None = None
-    """At most this many records per task (the split's first ones)."""
-    progress: bool = True
-    """Show progress bars on stderr."""
-    max_records_per_task: int | None = None
-    """From the run, no flag: main.py keeps each task's first N records (file order) before splitting."""
-    fold: int | None = None
-    """From the run, no flag: the cross-validation fold that is the test part (None: a 7:2:1 split)."""
-    num_folds: int = 5
-    """From the run, no flag: the number of cross-validation folds."""
 
 
 def recorded_settings(checkpoint: str | Path) -> dict:
@@ -86,48 +57,6 @@ def recorded_settings(checkpoint: str | Path) -> dict:
         if (folder / RUN_CONFIG).is_file():
             return {**json.loads((folder / RUN_CONFIG).read_text()), **meta}
     return meta
-
-
-def resolve_options(options: EvalOptions, recorded: dict, checkpoint: str | Path) -> EvalOptions:
-    """Fills the options left None, and the split's settings, from what the run recorded."""
-    seed = options.seed if options.seed is not None else recorded.get("seed")
-    if seed is None and options.split != "all":
-        raise UsageError(f"{checkpoint}: the run's seed is not recorded; pass --seed to rebuild its "
-                         f"{options.split} split")
-    return EvalOptions(**{**asdict(options), "seed": seed,
-                          "template": options.template or recorded.get("template", "auto"),
-                          "max_length": options.max_length or recorded.get("max_length", 1200),
-                          "max_records_per_task": recorded.get("max_records_per_task"),
-                          "fold": recorded.get("fold"), "num_folds": recorded.get("num_folds", 5)})
-
-
-def read_tasks(files: list[str]) -> list[Record]:
-    """Every record of the task files, or a UsageError naming the file and line at fault."""
-    try:
-        return load_records(files)
-    except DataError as err:
-        raise UsageError(str(err)) from err
-
-
-def select_records(records: list[Record], options: EvalOptions) -> dict[str, list[Record]]:
-    """The records to score, by task, in split order; every task must keep at least one."""
-    if options.limit is not None and options.limit < 1:
-        raise UsageError(f"--limit must be >= 1, got {options.limit}")
-    if options.max_records_per_task is not None:
-        # the subset main.py split under --max_records_per_task: another would leak training records
-        records = first_per_task(records, options.max_records_per_task)
-    chosen = records
-    if options.split != "all":
-        chosen = split_records(records, options.seed, fold=options.fold, num_folds=options.num_folds)[options.split]
-    by_task: dict[str, list[Record]] = {task: [] for task in dict.fromkeys(r.task for r in records)}
-    for record in chosen:
-        by_task[record.task].append(record)
-    for task, task_records in by_task.items():
-        if not task_records:
-            raise UsageError(f"task {task!r} has no records in the {options.split} split (seed {options.seed}): "
-                             "no references to score against")
-        by_task[task] = task_records[:options.limit]
-    return by_task
 
 
 def load_checkpoint(checkpoint: str, base_model: str | None, device: str) -> tuple[nn.Module, object, dict]:
@@ -149,6 +78,16 @@ def load_trained(checkpoint: str | Path, base_model: str | None = None, device: 
     gguf = meta.get("gguf_file") if base_model is None else None
     model = methods.load_into(load_model(model_name, gguf), checkpoint)
     return model.to(device).eval(), load_tokenizer(model_name, gguf), meta
+
+
+def load_base(model_name: str, device: str = "cpu") -> tuple[nn.Module, object]:
+    """The untrained base model and its tokenizer, loaded as under a checkpoint (same dtype and tokenizer)."""
+    try:
+        model, tokenizer = load_model(model_name), load_tokenizer(model_name)
+    except (OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"cannot load base model {model_name}: {first_line}") from err
+    return model.to(device).eval(), tokenizer
 
 
 def stop_tokens(model: nn.Module, tokenizer) -> list[int]:
@@ -198,10 +137,16 @@ def average(metrics: dict[str, dict]) -> dict[str, float]:
 def evaluate(model: nn.Module, tokenizer, records: list[Record], options: EvalOptions,
              method: str) -> tuple[dict, list[dict]]:
     """The result record (`hycam.evaluation.tables`' format, plus what produced it) and the generations."""
-    by_task = select_records(records, options)
-    torch.manual_seed(options.seed or 0)  # only noisy routing (eval_noise=True) draws from it
+    return evaluate_selected(model, tokenizer, select_records(records, options), options, method)
+
+
+def evaluate_selected(model: nn.Module, tokenizer, by_task: dict[str, list[Record]], options: EvalOptions,
+                      method: str) -> tuple[dict, list[dict]]:
+    """`evaluate` of records already chosen. The record's seed is the split's, else 0 (tables need an int)."""
+    seed = options.seed if options.seed is not None else 0
+    torch.manual_seed(seed)  # only noisy routing (eval_noise=True) draws from it
     metrics, generations = evaluate_records(model.eval(), tokenizer, by_task, options)
-    result = {"method": method, "seed": options.seed, "split": options.split,
+    result = {"method": method, "seed": seed, "split": options.split,
               "tasks": metrics, "average": average(metrics), "options": asdict(options)}
     return result, generations
 
@@ -210,9 +155,10 @@ def write_results(result: dict, generations: list[dict], output_dir: str | Path)
     """results.json, results.md (per-task and overall tables) and generations.jsonl; returns the tables."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    record = result if result["seed"] is not None else {**result, "seed": -1}
-    markdown = (f"## Per task ({result['split']} split)\n\n{tables.markdown_per_task([record])}\n"
-                f"## Averaged over tasks\n\n{tables.markdown_overall([record])}")
+    scored_line = f"Scored: {describe(result['scored'])}\n\n" if "scored" in result else ""
+    part = "all records" if result["split"] == "all" else f"{result['split']} split"
+    markdown = (f"{scored_line}## Per task ({part})\n\n{tables.markdown_per_task([result])}\n"
+                f"## Averaged over tasks\n\n{tables.markdown_overall([result])}")
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "results.md").write_text(markdown)
     with (out / "generations.jsonl").open("w") as file:
@@ -222,13 +168,16 @@ def write_results(result: dict, generations: list[dict], output_dir: str | Path)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hycam-eval", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="checkpoint dir written by main.py (e.g. RUN/best)")
-    parser.add_argument("--tasks", nargs="+", default=None, help="task files or folders (default: the run's)")
+    parser.add_argument("--checkpoint", default=None, help="checkpoint dir written by main.py (e.g. RUN/best); "
+                        "without it, --base-model is scored untrained")
+    parser.add_argument("--tasks", nargs="+", default=None, help="your test data, scored whole: task files or "
+                        "folders, saved datasets, hub:NAME (default: the run's, its test split)")
     parser.add_argument("--base-model", default=None, help="base model dir, .gguf or name; default: the run's")
-    parser.add_argument("--output-dir", default=None, help="default: CHECKPOINT/eval-SPLIT")
+    parser.add_argument("--output-dir", default=None, help="default: CHECKPOINT/eval-SPLIT, or eval-base-SPLIT")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--label", default=None, help="method name in the tables (default: the checkpoint's)")
-    parser.add_argument("--split", choices=SPLITS, default="test", help="the run's split to score, or all records")
+    parser.add_argument("--label", default=None, help="method name in the tables (default: the checkpoint's, or base)")
+    parser.add_argument("--split", choices=SPLITS, default=None, help="the run's split to score, or all records "
+                        "(default: all of --tasks, else the run's test split)")
     for name, text in (("seed", "split seed (default: the run's)"), ("max_length", "PPL context (default: the run's)"),
                        ("max_new_tokens", "generation budget"), ("batch_size", "records per forward pass"),
                        ("limit", "at most this many records per task")):
@@ -239,32 +188,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def task_files(args_tasks: list[str] | None, recorded: dict) -> list[str]:
-    if args_tasks:
-        return args_tasks
-    if not recorded.get("data"):
-        raise UsageError("the run's task files are not recorded; pass --tasks")
-    return list(recorded["data"])
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    names = EvalOptions.__dataclass_fields__
-    options = EvalOptions(**{k: v for k, v in vars(args).items() if k in names})
     try:
-        recorded = recorded_settings(args.checkpoint)
-        options = resolve_options(options, recorded, args.checkpoint)
-        files = task_files(args.tasks, recorded)
-        records = read_tasks(files)  # before the model loads: a bad path fails fast
-        model, tokenizer, _ = load_checkpoint(args.checkpoint, args.base_model, args.device)
-        result, generations = evaluate(model, tokenizer, records, options, args.label or recorded["method"])
+        result, generations = score(args)
     except UsageError as err:
         print(f"hycam-eval: error: {err}", file=sys.stderr)
         return 2
-    result.update(checkpoint=str(Path(args.checkpoint).resolve()), task_files=[str(Path(f).resolve()) for f in files],
-                  base_model=args.base_model or recorded.get("model"))
-    print(write_results(result, generations, args.output_dir or Path(args.checkpoint) / f"eval-{options.split}"))
+    out = Path(args.output_dir) if args.output_dir else default_output_dir(args.checkpoint, result["split"])
+    print(write_results(result, generations, out))
+    print(f"hycam-eval: wrote results.json, results.md and generations.jsonl to {out}", file=sys.stderr)
     return 0
+
+
+def default_output_dir(checkpoint: str | None, split: str) -> Path:
+    """CHECKPOINT/eval-SPLIT, or eval-base-SPLIT in the working directory for the base model."""
+    return Path(checkpoint) / f"eval-{split}" if checkpoint else Path(f"eval-base-{split}")
+
+
+def announce(account: dict, trained_files: list[str]) -> None:
+    """Says what is about to be scored, before the slow part, and when the user's files were trained on."""
+    print(f"hycam-eval: scoring {describe(account)}", flush=True)
+    if trained_files:
+        print(f"hycam-eval: note: {', '.join(trained_files)}: the run's training data, scored whole (--split test "
+              "scores only the run's test split)", flush=True)
+
+
+def score(args: argparse.Namespace) -> tuple[dict, list[dict]]:
+    """The command's work: records chosen and described, the model loaded, everything scored."""
+    if args.checkpoint is None and (args.base_model is None or not args.tasks):
+        raise UsageError("pass --checkpoint RUN/best (a trained run), or --base-model MODEL with --tasks FILES "
+                         "(the untrained base model)")
+    recorded = recorded_settings(args.checkpoint) if args.checkpoint else {}
+    names = EvalOptions.__dataclass_fields__
+    options = EvalOptions(**{k: v for k, v in vars(args).items() if k in names})
+    options = resolve_options(options, recorded, args.checkpoint or f"--base-model {args.base_model}", bool(args.tasks))
+    files = task_files(args.tasks, recorded)
+    by_task = select_records(read_tasks(files, recorded), options)  # before the model loads: bad data fails fast
+    account = scored(files, by_task, options)
+    announce(account, trained_on(files, recorded) if args.tasks and options.split == "all" else [])
+    if args.checkpoint:
+        model, tokenizer, _ = load_checkpoint(args.checkpoint, args.base_model, args.device)
+    else:
+        model, tokenizer = load_base(args.base_model, args.device)
+    result, generations = evaluate_selected(model, tokenizer, by_task, options,
+                                            args.label or recorded.get("method", "base"))
+    result.update(scored=account, checkpoint=str(Path(args.checkpoint).resolve()) if args.checkpoint else None,
+                  task_files=account["files"], base_model=args.base_model or recorded.get("model"))
+    return result, generations
 
 
 if __name__ == "__main__":

@@ -24,9 +24,10 @@ class TrainConfig(MethodOptions):
     gguf_file: str | None = None
     """GGUF file name inside --model's directory, if the model is stored as GGUF."""
     data: list[str] = field(default_factory=lambda: ["../shared/data"])
-    """Task files or folders: JSON lines {task, instruction, input, output}, or Alpaca JSON arrays."""
-    synthetic_if_missing: bool = True
-    """If no --data path exists, train on the project's generated five-task set (said in the log)."""
+    """Task files or folders (JSON lines {task, instruction, input, output}, or Alpaca JSON arrays), saved datasets
+    (datasets' save_to_disk), hub:NAME (a Hub dataset), or 'synthetic' (the generated five-task set)."""
+    num_proc: int = 1
+    """Processes that tokenise the data (datasets.map); tokenised splits are cached between runs."""
     max_records_per_task: int | None = None
     """Use at most this many records of each task (before splitting); None uses all."""
     method: str = "hycam"
@@ -101,6 +102,7 @@ class TrainConfig(MethodOptions):
             "zero_stage": (self.zero_stage in (0, 1, 2, 3), "0, 1, 2 or 3"),
             "micro_batch_size": (self.micro_batch_size >= 1, ">= 1"),
             "grad_accum": (self.grad_accum >= 1, ">= 1"),
+            "num_proc": (self.num_proc >= 1, ">= 1"),
             "warmup_ratio": (0 <= self.warmup_ratio < 1, "in [0, 1)"),
         }
         for name, (ok, expected) in checks.items():

@@ -12,8 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from hycam.data import Record, first_per_task, load_records, split_records, synthetic_tasks
-from hycam.data import collate, tokenize_records
+from hycam.data import SYNTHETIC, Record, collate, first_per_task, load_sources, split_records, tokenize_cached
 from hycam.train.config import TrainConfig
 
 
@@ -31,14 +30,10 @@ def init_distributed() -> tuple[int, int]:
 
 
 def load_task_records(cfg: TrainConfig, log) -> list[Record]:
-    existing = [p for p in cfg.data if Path(p).exists()]
-    if existing:
-        records = load_records(existing)
-    elif cfg.synthetic_if_missing:
-        log(f"no --data path exists ({', '.join(cfg.data)}): training on the generated five-task set instead")
-        records = synthetic_tasks(cfg.max_records_per_task or 200, seed=cfg.seed)
-    else:
-        raise FileNotFoundError(f"--data: none of {cfg.data} exists")
+    """The records of every --data item (a missing path is a DataError naming it), capped per task."""
+    records = load_sources(cfg.data, seed=cfg.seed, synthetic_per_task=cfg.max_records_per_task or 200)
+    if SYNTHETIC in cfg.data:
+        log(f"--data {SYNTHETIC}: the generated five-task set, {cfg.max_records_per_task or 200} records per task")
     if cfg.max_records_per_task is None:
         return records
     return first_per_task(records, cfg.max_records_per_task)
@@ -51,8 +46,8 @@ def prepare_splits(cfg: TrainConfig, tokenizer, log) -> dict[str, list[dict]]:
         splits["validation"] = first_per_task(splits["validation"], cfg.max_eval_records_per_task)
     out = {}
     for name in ("train", "validation"):
-        examples, stats = tokenize_records(splits[name], tokenizer, cfg.max_length, template=cfg.template,
-                                           loss_on=cfg.loss_on, overflow=cfg.overflow)
+        examples, stats = tokenize_cached(splits[name], tokenizer, cfg.max_length, template=cfg.template,
+                                          loss_on=cfg.loss_on, overflow=cfg.overflow, num_proc=cfg.num_proc)
         log(f"{name}: {stats.summary()}")
         if not examples:
             raise ValueError(f"the {name} split is empty after tokenisation (--max_length {cfg.max_length}?)")

@@ -239,6 +239,7 @@ def test_a_missing_task_file_is_named(tiny_run, capsys):
 def test_a_task_without_references_in_the_split_is_named(tiny_run, tmp_path, capsys):
     lines = (SHARED_DATA / "icliniq.jsonl").read_text().splitlines()[:2]  # 2 records: an empty test split
     (tmp_path / "tiny_task.jsonl").write_text("\n".join(lines) + "\n")
-    assert evaluate.main(["--checkpoint", str(tiny_run.checkpoint), "--tasks", str(tmp_path / "tiny_task.jsonl")]) == 2
+    argv = ["--checkpoint", str(tiny_run.checkpoint), "--tasks", str(tmp_path / "tiny_task.jsonl"), "--split", "test"]
+    assert evaluate.main(argv) == 2
     line = error_line(capsys)
     assert "'icliniq'" in line and "no references" in line
