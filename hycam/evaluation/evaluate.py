@@ -42,6 +42,13 @@ class UsageError(Exception):
     """Input the evaluation cannot use (checkpoint, base model, task files, options): exit code 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line with exit code 2, like every other error of bad input."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 @dataclass
 class EvalOptions:
     """How records are chosen, tokenised and decoded; each field has a CLI flag of the same name."""
@@ -84,7 +91,11 @@ def recorded_settings(checkpoint: str | Path) -> dict:
         raise UsageError(str(err)) from err
     for folder in (here, here.parent, here.parent.parent):
         if (folder / RUN_CONFIG).is_file():
-            return {**json.loads((folder / RUN_CONFIG).read_text()), **meta}
+            try:
+                recorded = json.loads((folder / RUN_CONFIG).read_text())
+            except ValueError as err:
+                raise UsageError(f"{folder / RUN_CONFIG}: not valid JSON ({err})") from None
+            return {**recorded, **meta}
     return meta
 
 
@@ -221,7 +232,7 @@ def write_results(result: dict, generations: list[dict], output_dir: str | Path)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hycam-eval", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="hycam-eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="checkpoint dir written by main.py (e.g. RUN/best)")
     parser.add_argument("--tasks", nargs="+", default=None, help="task files or folders (default: the run's)")
     parser.add_argument("--base-model", default=None, help="base model dir, .gguf or name; default: the run's")
@@ -258,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         records = read_tasks(files)  # before the model loads: a bad path fails fast
         model, tokenizer, _ = load_checkpoint(args.checkpoint, args.base_model, args.device)
         result, generations = evaluate(model, tokenizer, records, options, args.label or recorded["method"])
-    except UsageError as err:
+    except (UsageError, DataError) as err:
         print(f"hycam-eval: error: {err}", file=sys.stderr)
         return 2
     result.update(checkpoint=str(Path(args.checkpoint).resolve()), task_files=[str(Path(f).resolve()) for f in files],

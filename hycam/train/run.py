@@ -29,8 +29,14 @@ def init_distributed(timeout_seconds: float) -> tuple[int, int]:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                               timeout=timedelta(seconds=timeout_seconds))
+    timeout = timedelta(seconds=timeout_seconds)
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", timeout=timeout)
+    # DeepSpeed makes its data-parallel groups with new_group(), which takes torch's default timeout
+    # (30 minutes), not the world group's: make the default this run's.
+    c10d = dist.distributed_c10d
+    for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
+        if isinstance(getattr(c10d, name, None), timedelta):
+            setattr(c10d, name, timeout)
     return dist.get_rank(), dist.get_world_size()
 
 
