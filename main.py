@@ -29,7 +29,8 @@ from hycam.data import DataError
 from hycam.train import resume, rundir
 from hycam.train.config import ConfigError, TrainConfig, parse_args
 from hycam.train.guards import Interrupted, Interrupts, StaleBuildLock, check_build_locks, signal_name
-from hycam.train.run import MetricsLog, cosine_schedule, deepspeed_config, init_distributed, prepare_splits, validation_loss
+from hycam.train.run import (MetricsLog, cosine_schedule, deepspeed_config, init_distributed, prepare_splits,
+                             validation_loss)
 
 
 @dataclass
@@ -127,41 +128,41 @@ def setup(cfg: TrainConfig, rank: int, world: int, log, interrupts: Interrupts, 
 def train(run: Run, progress: Progress) -> str | None:
     """The loop; returns why it stopped, or None when --halt_after_steps cut it short."""
     cfg = run.cfg
-    bar = tqdm(total=run.total, initial=progress.step, disable=run.rank != 0, desc=cfg.method, dynamic_ncols=True)
     start = time.time()
     run.interrupts.armed = True
-    while True:
-        batches = multitask_batches(run.splits["train"], cfg.micro_batch_size * run.world, cfg.seed, progress.epoch,
-                                    drop_last=run.world > 1)
-        for index in range(progress.batch, len(batches)):
-            if progress.batch % cfg.grad_accum == 0:  # a new optimizer step: its own routing noise
-                torch.manual_seed(cfg.seed * 1_000_003 + progress.step * 101 + run.rank)
-            mine = batches[index][run.rank * cfg.micro_batch_size : (run.rank + 1) * cfg.micro_batch_size]
-            output = _micro_step(run, mine, progress)
-            if progress.batch % cfg.grad_accum:
-                continue
-            progress.step += 1
-            record = _train_record(run, output, progress, time.time() - start)
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", bal=f"{record['balance_loss']:.3f}",
-                            lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-            if progress.step % cfg.log_interval == 0:
-                run.metrics.write(record)
-            stop = None
-            evaluated = progress.step % cfg.eval_interval == 0 or progress.step >= run.total
-            if evaluated:
-                stop = _evaluate(run, progress)
-            if progress.step >= run.total:
-                stop = stop or "reached the last step"
-            if run.signum and not stop:
-                _stop_for_signal(run, progress, saved=evaluated)
-            if cfg.halt_after_steps is not None and progress.step >= cfg.halt_after_steps:
-                run.log(f"halting after step {progress.step} as asked (--halt_after_steps): resume with --resume")
-                return None
-            if stop:
-                bar.close()
-                return stop
-        progress.epoch, progress.batch = progress.epoch + 1, 0
+    with tqdm(total=run.total, initial=progress.step, disable=run.rank != 0, desc=cfg.method,
+              dynamic_ncols=True) as bar:  # closed on every way out, so messages start on a line of their own
+        while True:
+            batches = multitask_batches(run.splits["train"], cfg.micro_batch_size * run.world, cfg.seed, progress.epoch,
+                                        drop_last=run.world > 1)
+            for index in range(progress.batch, len(batches)):
+                if progress.batch % cfg.grad_accum == 0:  # a new optimizer step: its own routing noise
+                    torch.manual_seed(cfg.seed * 1_000_003 + progress.step * 101 + run.rank)
+                mine = batches[index][run.rank * cfg.micro_batch_size : (run.rank + 1) * cfg.micro_batch_size]
+                output = _micro_step(run, mine, progress)
+                if progress.batch % cfg.grad_accum:
+                    continue
+                progress.step += 1
+                record = _train_record(run, output, progress, time.time() - start)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", bal=f"{record['balance_loss']:.3f}",
+                                lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+                if progress.step % cfg.log_interval == 0:
+                    run.metrics.write(record)
+                stop = None
+                evaluated = progress.step % cfg.eval_interval == 0 or progress.step >= run.total
+                if evaluated:
+                    stop = _evaluate(run, progress)
+                if progress.step >= run.total:
+                    stop = stop or "reached the last step"
+                if run.signum and not stop:
+                    _stop_for_signal(run, progress, saved=evaluated)
+                if cfg.halt_after_steps is not None and progress.step >= cfg.halt_after_steps:
+                    run.log(f"halting after step {progress.step} as asked (--halt_after_steps): resume with --resume")
+                    return None
+                if stop:
+                    return stop
+            progress.epoch, progress.batch = progress.epoch + 1, 0
 
 
 def _micro_step(run: Run, examples: list[dict], progress: Progress):

@@ -173,6 +173,7 @@ def _load_baseline(model: nn.Module, method: str, file: Path) -> nn.Module:
     with torch.no_grad():
         for name, param in params.items():
             if tensors[name].shape != param.shape:
-                raise ValueError(f"{file}: {name} has shape {tuple(tensors[name].shape)}, the model {tuple(param.shape)}")
+                raise ValueError(f"{file}: {name} has shape {tuple(tensors[name].shape)}, "
+                                 f"the model {tuple(param.shape)}")
             param.copy_(tensors[name])
     return model

@@ -108,7 +108,8 @@ def _copy(params: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], fil
     with gathered(list(params.values()) if whole else [], modifier_rank=0), torch.no_grad():
         for name, param in params.items():
             if tensors[name].shape != param.shape:
-                raise RunDirError(f"{file}: {name} has shape {tuple(tensors[name].shape)}, this run {tuple(param.shape)}")
+                raise RunDirError(f"{file}: {name} has shape {tuple(tensors[name].shape)}, "
+                                  f"this run {tuple(param.shape)}")
             param.copy_(tensors[name])
 
 
