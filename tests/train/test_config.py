@@ -73,3 +73,11 @@ def test_the_shell_command_prints_one_line_and_exits_2(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip() == (f"main.py: error: {config}: weight_decay: expected a number, got 'heavy' "
                                    "(see --help)")
+
+
+def test_a_malformed_task_file_is_one_line_naming_file_and_line(tiny_model_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"task": "t", "instruction": "i", "input": "", "output": "o"}) + "\n{\"task\": 3}\n")
+    line = error_of(["--model", str(tiny_model_dir), "--data", str(bad), "--output_dir", str(tmp_path / "out")],
+                    capsys)
+    assert line.startswith("main.py: error: ") and str(bad) in line and ("line 2" in line or f"{bad}:2" in line)
