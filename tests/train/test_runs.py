@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 import main as train
 from hycam.baselines import methods
-from test_train import FAST
+from test_train import FAST, strict_json
 
 SCHEDULE = ["--max_steps", "30", "--eval_interval", "15", "--lr", "1e-2", "--epochs", "100"]
 
@@ -147,12 +147,6 @@ def test_a_run_killed_before_its_first_evaluation_resumes_from_step_0(straight, 
     assert code == 0, stderr
     assert_same_weights(out, straight)
     assert train_steps(out) == list(range(1, 31))
-
-
-def strict_json(line: str) -> dict:
-    def refuse(constant):
-        raise ValueError(f"{constant} is not JSON")
-    return json.loads(line, parse_constant=refuse)
 
 
 def test_a_nan_before_the_first_evaluation_says_so_and_a_rerun_replaces_the_run(tiny_model_dir, tmp_path,
