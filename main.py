@@ -24,13 +24,12 @@ from tqdm import tqdm
 from hycam import enable_checkpointing
 from hycam.baselines import methods
 from hycam.data.models import load_model, load_tokenizer
-from hycam.data import collate, multitask_batches
-from hycam.data import DataError
+from hycam.data import DataError, collate, multitask_batches
 from hycam.train import resume, rundir
 from hycam.train.config import ConfigError, TrainConfig, parse_args
 from hycam.train.guards import Interrupted, Interrupts, StaleBuildLock, check_build_locks, signal_name
 from hycam.train.run import (MetricsLog, cosine_schedule, deepspeed_config, init_distributed, prepare_splits,
-                             validation_loss)
+                             truncate_metrics, validation_loss)
 
 
 @dataclass
@@ -244,21 +243,14 @@ def _load_resume(run: Run) -> Progress:
     saved = resume.read(run.out / "resume", run.engine, methods.trainable(run.engine.module, run.cfg.method),
                         run.rank, run.world)
     progress = Progress(**{**saved, "best": math.inf if saved["best"] is None else saved["best"]})
-    _truncate_metrics(run.out / "metrics.jsonl", progress.step)
+    if run.rank == 0:
+        truncate_metrics(run.out / "metrics.jsonl", progress.step)
     return progress
 
 
 def _progress_json(progress: Progress) -> dict:
     """`progress` as JSON holds it: no best loss yet is null, not Infinity."""
     return {**asdict(progress), "best": progress.best if math.isfinite(progress.best) else None}
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drops the lines logged after the resume point, which the resumed run logs again."""
-    if dist.get_rank() != 0 or not path.is_file():
-        return
-    lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in lines))
 
 
 def _item(value) -> float:

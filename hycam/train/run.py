@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from transformers import get_cosine_with_min_lr_schedule_with_warmup
+from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup  # not top-level on 4.45
 
 from hycam.data import Record, first_per_task, load_records, split_records, synthetic_tasks
 from hycam.data import collate, tokenize_records
@@ -125,6 +125,13 @@ def validation_loss(engine, examples: list[dict], batch_size: int, pad_id: int, 
     model.train(was_training)
     per_task = {t: (s[0] / s[1].clamp_min(1)).item() for t, s in zip(tasks, sums)}
     return {"loss": (sums[:, 0].sum() / sums[:, 1].sum().clamp_min(1)).item(), "tasks": per_task}
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drops the lines of metrics.jsonl logged after `step`, which a run resumed there logs again."""
+    if path.is_file():
+        lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in lines))
 
 
 def _json_safe(value):
