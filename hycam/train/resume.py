@@ -68,6 +68,9 @@ def write(directory: Path, engine, trained: dict[str, nn.Parameter], progress: d
 
 def read(directory: Path, engine, trained: dict[str, nn.Parameter], rank: int, world: int) -> dict:
     """Loads the resume state of `directory` into the engine; returns the recorded progress."""
+    if not (directory / STATE).is_file():
+        raise RunDirError(f"{directory} holds no {STATE}: not a resume state of this hycam (older ones held "
+                          "DeepSpeed's pickled state, which is not loaded); start a new --output_dir")
     meta = _read_json(directory / STATE)
     if meta.get("world_size") != world:
         raise RunDirError(f"{directory}: saved by {meta.get('world_size')} processes, resumed on {world}")

@@ -185,9 +185,9 @@ def test_a_resume_with_a_changed_option_is_refused_naming_it(option, value, reco
     before = (halted / "metrics.jsonl").read_text()
     code, stderr = cli(argv(tiny_model_dir, halted, "--resume", "true", option, value))
     assert code == 2
-    assert stderr.strip() == (f"main.py: error: --resume: {option} is {type(eval(recorded))(value)!r}, but the run "
-                              f"was started with {eval(recorded)!r} ({halted}/run_config.json): resume with the "
-                              "recorded value, or start a new --output_dir")
+    assert stderr.strip() == (f"main.py: error: --resume: {option} is {value}, but the run was started with "
+                              f"{recorded} ({halted}/run_config.json): resume with the recorded value, or start a "
+                              "new --output_dir")
     assert (halted / "metrics.jsonl").read_text() == before
 
 
