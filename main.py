@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -25,11 +25,13 @@ from tqdm import tqdm
 import hycam
 from hycam import enable_checkpointing
 from hycam.baselines import methods
-from hycam.data import collate, multitask_batches
+from hycam.data import DataError, collate, multitask_batches
 from hycam.data.models import load_model, load_tokenizer
-from hycam.train.config import TrainConfig, parse_args
-from hycam.train.run import (MetricsLog, cosine_with_warmup, deepspeed_config, init_distributed, prepare_splits,
-                             validation_loss)
+from hycam.train import resume, rundir
+from hycam.train.config import ConfigError, TrainConfig, parse_args
+from hycam.train.guards import Interrupted, Interrupts, StaleBuildLock, check_build_locks, signal_name
+from hycam.train.run import (MetricsLog, cosine_schedule, deepspeed_config, init_distributed, prepare_splits,
+                             truncate_metrics, validation_loss)
 
 
 @dataclass
@@ -57,7 +59,9 @@ class Run:
     meta: dict  # recorded in every checkpoint's method.json
     total: int  # optimizer steps of the schedule
     log: object
+    interrupts: Interrupts
     metrics: MetricsLog | None = None
+    signum: int = 0  # a signal some rank received: save and stop at the end of this step
 
     @property
     def out(self) -> Path:
@@ -67,24 +71,29 @@ class Run:
 def main(argv: list[str] | None = None) -> tuple[Progress, torch.nn.Module]:
     """Trains as `argv` says; returns where the run stopped and the trained model."""
     cfg = parse_args(argv)
-    rank, world = init_distributed()
+    check_build_locks(cfg.stale_lock_minutes)
+    rank, world = init_distributed(cfg.dist_timeout)
     log = (lambda msg: tqdm.write(f"[hycam] {msg}")) if rank == 0 else (lambda msg: None)
-    _check_output_dir(Path(cfg.output_dir), cfg.resume)
-    run = setup(cfg, rank, world, log)
-    progress = _load_resume(run.engine, run.out) if cfg.resume else Progress()
-    run.metrics = MetricsLog(run.out, enabled=rank == 0)
-    stop = train(run, progress)
-    if stop is not None:
-        methods.save_trained(run.engine.module, cfg.method, run.options, run.out / "last",
-                             {**run.meta, "step": progress.step})
-        log(f"stopped: {stop}. best validation loss {progress.best:.4f}; checkpoints in {run.out}/best, /last")
-        if rank == 0:
-            (run.out / "summary.json").write_text(json.dumps({**asdict(progress), "stop": stop}, indent=2) + "\n")
-    run.metrics.close()
+    with Interrupts() as interrupts, rundir.claim(cfg, world, rank, log) as resuming:
+        run = setup(cfg, rank, world, log, interrupts, record=not resuming)
+        progress = _load_resume(run) if resuming else Progress()
+        run.metrics = MetricsLog(run.out, enabled=rank == 0)
+        try:
+            stop = train(run, progress)
+        finally:
+            run.metrics.close()
+        if stop is not None:
+            methods.save_trained(run.engine.module, cfg.method, run.options, rundir.staging(run.out, "last", rank),
+                                 {**run.meta, "step": progress.step})
+            rundir.swap_in(run.out, "last", rank)
+            log(f"stopped: {stop}. best validation loss {progress.best:.4f}; checkpoints in {run.out}/best, /last")
+            if rank == 0:
+                (run.out / "summary.json").write_text(json.dumps(_progress_json(progress) | {"stop": stop},
+                                                                 indent=2) + "\n")
     return progress, run.engine.module
 
 
-def setup(cfg: TrainConfig, rank: int, world: int, log) -> Run:
+def setup(cfg: TrainConfig, rank: int, world: int, log, interrupts: Interrupts, record: bool) -> Run:
     """Data, model with the method, AdamW with the cosine schedule, and the DeepSpeed engine."""
     import deepspeed
 
@@ -108,54 +117,55 @@ def setup(cfg: TrainConfig, rank: int, world: int, log) -> Run:
     groups = [{"params": [p for p in params.values() if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params.values() if p.dim() < 2], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
-    warmup = int(cfg.warmup_ratio * total)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, total, warmup,
-                                                                                         cfg.min_lr_ratio))
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
-                                      config=deepspeed_config(cfg, world))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, world),
+                                      lr_scheduler=cosine_schedule(optimizer, cfg, total))
     engine.train()  # from_pretrained returns the model in eval mode: no routing noise, no dropout
-    if rank == 0 and not cfg.resume:
+    if rank == 0 and record:
         info = {**asdict(cfg), "world_size": world, "trainable_parameters": trainable}
         (Path(cfg.output_dir) / "run_config.json").write_text(json.dumps(info, indent=2) + "\n")
     meta = {"model": cfg.model, "gguf_file": cfg.gguf_file, "seed": cfg.seed, "template": cfg.template,
             "pad_id": tokenizer.pad_token_id}
-    return Run(cfg, rank, world, engine, options, splits, meta, total, log)
+    return Run(cfg, rank, world, engine, options, splits, meta, total, log, interrupts)
 
 
 def train(run: Run, progress: Progress) -> str | None:
     """The loop; returns why it stopped, or None when --halt_after_steps cut it short."""
     cfg = run.cfg
-    bar = tqdm(total=run.total, initial=progress.step, disable=run.rank != 0, desc=cfg.method, dynamic_ncols=True)
     start = time.time()
-    while True:
-        batches = multitask_batches(run.splits["train"], cfg.micro_batch_size * run.world, cfg.seed, progress.epoch,
-                                    drop_last=run.world > 1)
-        for index in range(progress.batch, len(batches)):
-            if progress.batch % cfg.grad_accum == 0:  # a new optimizer step: its own routing noise
-                torch.manual_seed(cfg.seed * 1_000_003 + progress.step * 101 + run.rank)
-            mine = batches[index][run.rank * cfg.micro_batch_size : (run.rank + 1) * cfg.micro_batch_size]
-            output = _micro_step(run, mine, progress)
-            if progress.batch % cfg.grad_accum:
-                continue
-            progress.step += 1
-            record = _train_record(run, output, progress, time.time() - start)
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", bal=f"{record['balance_loss']:.3f}",
-                            lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-            if progress.step % cfg.log_interval == 0:
-                run.metrics.write(record)
-            stop = None
-            if progress.step % cfg.eval_interval == 0 or progress.step >= run.total:
-                stop = _evaluate(run, progress)
-            if progress.step >= run.total:
-                stop = stop or "reached the last step"
-            if cfg.halt_after_steps is not None and progress.step >= cfg.halt_after_steps:
-                run.log(f"halting after step {progress.step} as asked (--halt_after_steps): resume with --resume")
-                return None
-            if stop:
-                bar.close()
-                return stop
-        progress.epoch, progress.batch = progress.epoch + 1, 0
+    run.interrupts.armed = True
+    with tqdm(total=run.total, initial=progress.step, disable=run.rank != 0, desc=cfg.method,
+              dynamic_ncols=True) as bar:  # closed on every way out, so messages start on a line of their own
+        while True:
+            batches = multitask_batches(run.splits["train"], cfg.micro_batch_size * run.world, cfg.seed, progress.epoch,
+                                        drop_last=run.world > 1)
+            for index in range(progress.batch, len(batches)):
+                if progress.batch % cfg.grad_accum == 0:  # a new optimizer step: its own routing noise
+                    torch.manual_seed(cfg.seed * 1_000_003 + progress.step * 101 + run.rank)
+                mine = batches[index][run.rank * cfg.micro_batch_size : (run.rank + 1) * cfg.micro_batch_size]
+                output = _micro_step(run, mine, progress)
+                if progress.batch % cfg.grad_accum:
+                    continue
+                progress.step += 1
+                record = _train_record(run, output, progress, time.time() - start)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", bal=f"{record['balance_loss']:.3f}",
+                                lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+                if progress.step % cfg.log_interval == 0:
+                    run.metrics.write(record)
+                stop = None
+                evaluated = progress.step % cfg.eval_interval == 0 or progress.step >= run.total
+                if evaluated:
+                    stop = _evaluate(run, progress)
+                if progress.step >= run.total:
+                    stop = stop or "reached the last step"
+                if run.signum and not stop:
+                    _stop_for_signal(run, progress, saved=evaluated)
+                if cfg.halt_after_steps is not None and progress.step >= cfg.halt_after_steps:
+                    run.log(f"halting after step {progress.step} as asked (--halt_after_steps): resume with --resume")
+                    return None
+                if stop:
+                    return stop
+            progress.epoch, progress.batch = progress.epoch + 1, 0
 
 
 def _micro_step(run: Run, examples: list[dict], progress: Progress):
@@ -163,12 +173,37 @@ def _micro_step(run: Run, examples: list[dict], progress: Progress):
     batch.pop("task")
     batch = {k: v.to(run.engine.device) for k, v in batch.items()}
     output = run.engine(**batch)
-    _stop_if_not_finite(output.loss, progress, run.out, run.rank)
+    _agree_to_go_on(run, output.loss, progress)
     run.engine.backward(output.loss)
     run.engine.step()
     progress.batch += 1
     progress.tokens += int(batch["attention_mask"].sum()) * run.world
     return output
+
+
+def _agree_to_go_on(run: Run, loss: torch.Tensor, progress: Progress) -> None:
+    """One collective per micro-batch tells every rank whether any has a non-finite loss or a signal."""
+    flags = torch.tensor([0.0 if torch.isfinite(loss) else 1.0, float(run.interrupts.signum)], device=loss.device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    if flags[0].item():
+        raise SystemExit(f"[hycam] rank {run.rank}: the loss is {loss.item()} at step {progress.step + 1}; "
+                         f"stopping. {_kept(run.out)}")
+    run.signum = run.signum or int(flags[1].item())
+
+
+def _stop_for_signal(run: Run, progress: Progress, saved: bool) -> None:
+    if not saved:
+        _save_resume(run, progress)
+    raise Interrupted(run.signum, f"stopped by {signal_name(run.signum)} after step {progress.step}: its resume "
+                                  f"state is in {run.out}/resume; continue with --resume true")
+
+
+def _kept(out: Path) -> str:
+    """What a stopped run leaves to use, as it is on disk."""
+    kept = [f"{out}/{name}" for name in ("best", "resume") if (out / name).is_dir()]
+    if kept:
+        return f"The last good checkpoints are kept in {' and '.join(kept)}."
+    return f"No evaluation finished before, so no checkpoint was kept; a new run may reuse {out}."
 
 
 def _train_record(run: Run, output, progress: Progress, seconds: float) -> dict:
@@ -188,74 +223,69 @@ def _evaluate(run: Run, progress: Progress) -> str | None:
     run.metrics.write({"step": progress.step, "split": "validation", **result})
     if not math.isfinite(result["loss"]):
         raise SystemExit(f"[hycam] the validation loss is {result['loss']} at step {progress.step}; stopping. "
-                         f"The last good checkpoints are kept in {run.out}/best and {run.out}/resume.")
+                         f"{_kept(run.out)}")
     run.log(f"step {progress.step}: validation loss {result['loss']:.4f} "
             + " ".join(f"{t}={v:.3f}" for t, v in result["tasks"].items()))
     if result["loss"] < progress.best:
         progress.best, progress.bad_evals = result["loss"], 0
-        methods.save_trained(run.engine.module, cfg.method, run.options, run.out / "best",
+        methods.save_trained(run.engine.module, cfg.method, run.options, rundir.staging(run.out, "best", run.rank),
                              {**run.meta, "step": progress.step, "validation_loss": result["loss"]})
+        rundir.swap_in(run.out, "best", run.rank)
     else:
         progress.bad_evals += 1
-    _save_resume(run.engine, run.out, progress, run.rank)
+    _save_resume(run, progress)
     if cfg.patience and progress.bad_evals >= cfg.patience:
         return f"early stopping: no better validation loss in {cfg.patience} evaluations"
     return None
 
 
-def _save_resume(engine, out: Path, progress: Progress, rank: int) -> None:
-    """DeepSpeed state (trainable weights, optimizer, schedule) swapped in whole, never half-written."""
-    tmp, final = out / ".resume.tmp", out / "resume"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-    dist.barrier()
-    engine.save_checkpoint(str(tmp), tag="state", client_state={"progress": asdict(progress)},
-                           exclude_frozen_parameters=True)
-    dist.barrier()
-    if rank == 0:
-        old = out / ".resume.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+def _save_resume(run: Run, progress: Progress) -> None:
+    tmp = rundir.staging(run.out, "resume", run.rank)
+    resume.write(tmp, run.engine, methods.trainable(run.engine.module, run.cfg.method), _progress_json(progress),
+                 run.rank, run.world)
+    rundir.swap_in(run.out, "resume", run.rank)
 
 
-def _load_resume(engine, out: Path) -> Progress:
-    if not (out / "resume").is_dir():
-        raise FileNotFoundError(f"--resume: {out}/resume does not exist (no evaluation finished before the stop)")
-    _, client = engine.load_checkpoint(str(out / "resume"), tag="state", load_module_strict=False)
-    progress = Progress(**client["progress"])
-    _truncate_metrics(out / "metrics.jsonl", progress.step)
+def _load_resume(run: Run) -> Progress:
+    saved = resume.read(run.out / "resume", run.engine, methods.trainable(run.engine.module, run.cfg.method),
+                        run.rank, run.world)
+    progress = Progress(**{**saved, "best": math.inf if saved["best"] is None else saved["best"]})
+    if run.rank == 0:
+        truncate_metrics(run.out / "metrics.jsonl", progress.step)
     return progress
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drops the lines logged after the resume point, which the resumed run logs again."""
-    if dist.get_rank() != 0 or not path.is_file():
-        return
-    lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in lines))
-
-
-def _check_output_dir(out: Path, resume: bool) -> None:
-    if not resume and (out / "metrics.jsonl").exists():
-        raise FileExistsError(f"--output_dir {out} already holds a run: pass --resume, or choose another directory")
-    out.mkdir(parents=True, exist_ok=True)
-
-
-def _stop_if_not_finite(loss: torch.Tensor, progress: Progress, out: Path, rank: int) -> None:
-    bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=loss.device)
-    dist.all_reduce(bad)
-    if bad.item():
-        raise SystemExit(f"[hycam] rank {rank}: the loss is {loss.item()} at step {progress.step + 1}; stopping. "
-                         f"The last good checkpoints are kept in {out}/best and {out}/resume.")
+def _progress_json(progress: Progress) -> dict:
+    """`progress` as JSON holds it: no best loss yet is null, not Infinity."""
+    return {**asdict(progress), "best": progress.best if math.isfinite(progress.best) else None}
 
 
 def _item(value) -> float:
     return float("nan") if value is None else float(value.detach())
 
 
+def cli(argv: list[str]) -> None:
+    """main() for a shell: usage and data errors as one line with exit code 2, signals as 128 + signum."""
+    try:
+        main(argv)
+    except (ConfigError, DataError, rundir.RunDirError, StaleBuildLock) as err:
+        _say(f"main.py: error: {err}")
+        sys.exit(2)
+    except Interrupted as err:
+        _say(f"[hycam] {err}")
+        sys.exit(128 + err.signum)
+    except RuntimeError as err:
+        if "timed out" not in str(err).lower() and "timeout" not in str(err).lower():
+            raise
+        _say(f"[hycam] rank {os.environ.get('RANK', 0)}: another rank did not answer within --dist_timeout "
+             f"(it stopped or died); stopping. ({str(err).strip().splitlines()[0]})")
+        sys.exit(1)
+
+
+def _say(message: str) -> None:
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print(message, file=sys.stderr)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli(sys.argv[1:])

@@ -102,5 +102,6 @@ if [ "$dry_run" = 1 ]; then
   exit 0
 fi
 mkdir -p "$output_dir"
-echo "run_model_base.sh: ${command[*]}" | tee "$output_dir/launch.log"
+# append: main.py may refuse the directory (another run's), whose log must survive that
+echo "run_model_base.sh $(date -u +%FT%TZ): ${command[*]}" | tee -a "$output_dir/launch.log"
 "${command[@]}" 2>&1 | tee -a "$output_dir/launch.log"

@@ -7,17 +7,18 @@ Methods: HyCAM and its variants (`HyCAMConfig.variant` names), `lora` (peft, all
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
 import hycam
 from hycam.checkpoint import (CONFIG_NAME, WEIGHTS_NAME, base_model_signature, gather_tensors, hycam_meta,
-                              write_checkpoint)
-from hycam.config import VARIANTS
+                              read_config, write_checkpoint)
+from hycam.config import VARIANTS, HyCAMConfig
 
 BASELINES = ("lora", "multilora", "riemoe", "full")
 METHODS = VARIANTS + BASELINES
@@ -51,14 +52,7 @@ class MethodOptions:
 def prepare(model: nn.Module, method: str, options: MethodOptions) -> nn.Module:
     """Adds `method` to `model` (in place where possible) and returns the model to train."""
     if method in VARIANTS:
-        overrides = {"tau": options.tau, "balance_coef": options.balance_coef, "balance_scope": options.balance_scope}
-        if method != "shared_only":
-            overrides["num_specialized"] = options.num_specialized
-        if method not in ("full_spec", "inverse_peft"):
-            overrides["rank"] = options.rank
-        if method == "inverse_peft":
-            overrides["shared_rank"] = options.rank
-        return hycam.apply(model, hycam.HyCAMConfig.variant(method, **overrides))
+        return hycam.apply(model, hycam_config(method, options))
     if method == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -78,6 +72,18 @@ def prepare(model: nn.Module, method: str, options: MethodOptions) -> nn.Module:
     if method == "full":
         return model.requires_grad_(True)
     raise ValueError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+def hycam_config(method: str, options: MethodOptions) -> HyCAMConfig:
+    """The HyCAM configuration of the variant `method` under `options`."""
+    overrides = {"tau": options.tau, "balance_coef": options.balance_coef, "balance_scope": options.balance_scope}
+    if method != "shared_only":
+        overrides["num_specialized"] = options.num_specialized
+    if method not in ("full_spec", "inverse_peft"):
+        overrides["rank"] = options.rank
+    if method == "inverse_peft":
+        overrides["shared_rank"] = options.rank
+    return HyCAMConfig.variant(method, **overrides)
 
 
 def trainable(model: nn.Module, method: str) -> dict[str, nn.Parameter]:
@@ -108,29 +114,66 @@ def save_trained(model: nn.Module, method: str, options: MethodOptions, path: st
 
 
 def read_method(path: str | Path) -> dict:
+    """The checkpoint's method.json, checked: a ValueError names the file and what is wrong."""
     file = Path(path) / METHOD_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{path} is not a trained checkpoint: {METHOD_FILE} is missing")
-    meta = json.loads(file.read_text())
-    if meta.get("method") not in METHODS:
-        raise ValueError(f"{file}: unknown method {meta.get('method')!r}")
+    try:
+        meta = json.loads(file.read_text())
+    except ValueError as err:
+        raise ValueError(f"{file}: not valid JSON ({err})") from None
+    if not isinstance(meta, dict) or meta.get("method") not in METHODS:
+        method = meta.get("method") if isinstance(meta, dict) else None
+        raise ValueError(f"{file}: unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    missing = sorted({"base_model", "options"} - set(meta))
+    if missing:
+        raise ValueError(f"{file}: the keys {missing} are missing")
     return meta
+
+
+def method_options(meta: dict, path: str | Path) -> MethodOptions:
+    try:
+        return MethodOptions(**meta["options"])
+    except TypeError as err:
+        raise ValueError(f"{Path(path) / METHOD_FILE}: 'options' does not fit MethodOptions ({err})") from None
 
 
 def load_into(model: nn.Module, path: str | Path) -> nn.Module:
     """Prepares `model` for the checkpoint's method and loads its weights; returns the model."""
-    meta, file = read_method(path), Path(path) / WEIGHTS_FILE
+    meta = read_method(path)
     if meta["base_model"] != base_model_signature(model):
         raise ValueError(f"{path} was trained on base model {meta['base_model']}, not on {base_model_signature(model)}")
-    if meta["method"] in VARIANTS:
-        return hycam.load(model, path)
-    model = prepare(model, meta["method"], MethodOptions(**meta["options"]))
-    params, tensors = saved(model, meta["method"]), load_file(file)
+    options = method_options(meta, path)
+    try:
+        if meta["method"] in VARIANTS:
+            _check_variant(path, meta["method"], options)
+            return hycam.load(model, path)
+        return _load_baseline(prepare(model, meta["method"], options), meta["method"], Path(path) / WEIGHTS_FILE)
+    except SafetensorError as err:
+        name = WEIGHTS_NAME if meta["method"] in VARIANTS else WEIGHTS_FILE
+        raise ValueError(f"{Path(path) / name}: not a readable safetensors file ({err})") from None
+
+
+def _check_variant(path: str | Path, method: str, options: MethodOptions) -> None:
+    """Refuses a HyCAM checkpoint whose weights' config is not the one its method.json names."""
+    expected, saved = hycam_config(method, options), HyCAMConfig.from_dict(read_config(path)["hycam_config"])
+    differ = [f"{f.name} {getattr(saved, f.name)!r} (not {getattr(expected, f.name)!r})" for f in fields(HyCAMConfig)
+              if f.name != "init_std" and getattr(saved, f.name) != getattr(expected, f.name)]  # init only
+    if differ:
+        raise ValueError(f"{Path(path) / METHOD_FILE} names {method!r}, but {Path(path) / CONFIG_NAME} holds another "
+                         f"HyCAM: {', '.join(differ[:3])}")
+
+
+def _load_baseline(model: nn.Module, method: str, file: Path) -> nn.Module:
+    params, tensors = saved(model, method), load_file(file)
     missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
     if missing or unexpected:
-        raise ValueError(f"{file} does not match the {meta['method']} model: missing {missing[:3]}, "
+        raise ValueError(f"{file} does not match the {method} model: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}")
     with torch.no_grad():
         for name, param in params.items():
+            if tensors[name].shape != param.shape:
+                raise ValueError(f"{file}: {name} has shape {tuple(tensors[name].shape)}, "
+                                 f"the model {tuple(param.shape)}")
             param.copy_(tensors[name])
     return model

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from hycam.baselines import methods
-from hycam.data import Record, prompt_ids, tokenize_records
+from hycam.data import DataError, Record, prompt_ids, tokenize_records
 from hycam.data.models import load_model, load_tokenizer
 from hycam.evaluation import tables
 from hycam.evaluation.selection import (SPLITS, EvalOptions, UsageError, describe, read_tasks, resolve_options,
@@ -39,6 +39,13 @@ from hycam.evaluation.generation import greedy_generate, response_nll
 from hycam.evaluation.metrics import bleu4, perplexity, rouge_l
 
 RUN_CONFIG = "run_config.json"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line with exit code 2, like every other error of bad input."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def recorded_settings(checkpoint: str | Path) -> dict:
@@ -55,7 +62,11 @@ def recorded_settings(checkpoint: str | Path) -> dict:
         raise UsageError(str(err)) from err
     for folder in (here, here.parent, here.parent.parent):
         if (folder / RUN_CONFIG).is_file():
-            return {**json.loads((folder / RUN_CONFIG).read_text()), **meta}
+            try:
+                recorded = json.loads((folder / RUN_CONFIG).read_text())
+            except ValueError as err:
+                raise UsageError(f"{folder / RUN_CONFIG}: not valid JSON ({err})") from None
+            return {**recorded, **meta}
     return meta
 
 
@@ -167,7 +178,7 @@ def write_results(result: dict, generations: list[dict], output_dir: str | Path)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hycam-eval", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="hycam-eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default=None, help="checkpoint dir written by main.py (e.g. RUN/best); "
                         "without it, --base-model is scored untrained")
     parser.add_argument("--tasks", nargs="+", default=None, help="your test data, scored whole: task files or "
@@ -192,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result, generations = score(args)
-    except UsageError as err:
+    except (UsageError, DataError) as err:
         print(f"hycam-eval: error: {err}", file=sys.stderr)
         return 2
     out = Path(args.output_dir) if args.output_dir else default_output_dir(args.checkpoint, result["split"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import functools
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,22 +93,55 @@ class TrainConfig(MethodOptions):
     """Stop as if interrupted after this many optimizer steps (to test --resume)."""
     local_rank: int = -1
     """Set by the deepspeed launcher."""
+    dist_timeout: float = 1800.0
+    """Seconds a rank waits for the others in a collective before the run stops with an error."""
+    stale_lock_minutes: float = 10.0
+    """A torch-extensions build lock this old, with no build running, stops the run naming it."""
 
     def __post_init__(self) -> None:
-        checks = {
-            "method": (self.method in METHODS, f"one of {', '.join(METHODS)}"),
-            "balance_scope": (self.balance_scope in ("local", "global"), "'local' or 'global'"),
-            "loss_on": (self.loss_on in ("response", "all"), "'response' or 'all'"),
-            "overflow": (self.overflow in ("truncate", "skip"), "'truncate' or 'skip'"),
-            "zero_stage": (self.zero_stage in (0, 1, 2, 3), "0, 1, 2 or 3"),
-            "micro_batch_size": (self.micro_batch_size >= 1, ">= 1"),
-            "grad_accum": (self.grad_accum >= 1, ">= 1"),
-            "num_proc": (self.num_proc >= 1, ">= 1"),
-            "warmup_ratio": (0 <= self.warmup_ratio < 1, "in [0, 1)"),
-        }
-        for name, (ok, expected) in checks.items():
-            if not ok:
-                raise ValueError(f"--{name} must be {expected}, got {getattr(self, name)!r}")
+        for name, (ok, expected) in _CHECKS.items():
+            value = getattr(self, name)
+            if not ok(value):
+                raise ConfigError(name, f"must be {expected}, got {value!r}")
+        if self.fold is not None and self.fold >= self.num_folds:
+            raise ConfigError("fold", f"must be below --num_folds {self.num_folds}, got {self.fold}")
+
+
+def _optional(check):
+    return lambda value: value is None or check(value)
+
+
+_CHECKS = {  # option: (accepts the value, what it must be)
+    "method": (lambda v: v in METHODS, f"one of {', '.join(METHODS)}"),
+    "balance_scope": (lambda v: v in ("local", "global"), "'local' or 'global'"),
+    "template": (lambda v: v in ("auto", "chat", "plain", "authors"), "auto, chat, plain or authors"),
+    "loss_on": (lambda v: v in ("response", "all"), "'response' or 'all'"),
+    "overflow": (lambda v: v in ("truncate", "skip"), "'truncate' or 'skip'"),
+    "zero_stage": (lambda v: v in (0, 1, 2, 3), "0, 1, 2 or 3"),
+    "data": (lambda v: len(v) >= 1, "at least one path"),
+    **{name: (lambda v: v >= 1, ">= 1") for name in (
+        "rank", "num_specialized", "max_length", "epochs", "micro_batch_size", "grad_accum", "eval_interval",
+        "log_interval", "num_proc")},
+    **{name: (_optional(lambda v: v >= 1), ">= 1 or null") for name in (
+        "expert_rank", "max_records_per_task", "max_steps", "eval_batch_size", "max_eval_records_per_task",
+        "halt_after_steps")},
+    **{name: (lambda v: v > 0, "> 0") for name in ("lr", "tau", "lora_alpha", "dist_timeout",
+                                                    "stale_lock_minutes")},
+    **{name: (lambda v: v >= 0, ">= 0") for name in ("weight_decay", "balance_coef", "grad_clip", "patience")},
+    "warmup_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "min_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "num_folds": (lambda v: v >= 2, ">= 2"),
+    "fold": (_optional(lambda v: v >= 0), ">= 0 or null"),
+}
+
+
+class ConfigError(ValueError):
+    """An option whose value cannot be used; says where the value came from once that is known."""
+
+    def __init__(self, option: str, problem: str, source: str | None = None) -> None:
+        self.option, self.problem, self.source = option, problem, source
+        where = f"{source}: {option}:" if source else f"--{option}"
+        super().__init__(f"{where} {problem}")
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -123,47 +157,112 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (the full usage of ~50 options would bury the message)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """CLI options override the YAML file given by --config, which overrides the defaults."""
-    parser = argparse.ArgumentParser(description=TrainConfig.__doc__, argument_default=argparse.SUPPRESS)
+    """CLI options override the YAML file given by --config, which overrides the defaults. Every
+    value is converted to its field's type where it is read; a bad one exits 2 naming it."""
+    parser = _Parser(prog="main.py", description=TrainConfig.__doc__, argument_default=argparse.SUPPRESS,
+                     usage="%(prog)s [--config FILE ...] [--OPTION VALUE ...]")
     parser.add_argument("--config", action="append", help="YAML file of options; repeatable, later files "
                         "override earlier ones, and options given on the command line override them all")
     docs, hints = field_docs(TrainConfig), get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         default = "" if callable(f.default_factory) else f" (default: {f.default})"
-        parser.add_argument(f"--{f.name}", type=_parser_for(hints[f.name]), nargs="+" if f.name == "data" else None,
+        to_type = functools.partial(_cli_value, f.name, hints[f.name])
+        parser.add_argument(f"--{f.name}", type=to_type, nargs="+" if _is_list(hints[f.name]) else None,
                             help=docs.get(f.name, "") + default)
     cli = vars(parser.parse_args(argv))
-    values = {}
-    for path in cli.pop("config", []):
-        values.update(_read_yaml(Path(path)))
-    return TrainConfig(**{**values, **cli})
+    values, sources = {}, {}
+    try:
+        for path in cli.pop("config", []):
+            read = _read_yaml(Path(path), hints)
+            values.update(read)
+            sources.update(dict.fromkeys(read, path))
+        sources.update(dict.fromkeys(cli))
+        return TrainConfig(**{**values, **cli})
+    except ConfigError as err:
+        parser.error(str(ConfigError(err.option, err.problem, err.source or sources.get(err.option))))
 
 
-def _parser_for(hint):
-    args = [a for a in getattr(hint, "__args__", ()) if a is not type(None)]
-    base = args[0] if args else hint
-    if base is bool:
-        return _boolean
-    return str if base is list or getattr(base, "__origin__", None) is list else base
+def convert(option: str, hint, value):
+    """`value` (from YAML or the command line) as the type `hint`, or a ConfigError naming `option`."""
+    optional = type(None) in getattr(hint, "__args__", ())
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise ConfigError(option, "may not be null")
+    if _is_list(hint):
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise ConfigError(option, f"expected a path or a list of paths, got {value!r}")
+        return items
+    base = next(a for a in getattr(hint, "__args__", (hint,)) if a is not type(None))
+    try:
+        return _SCALARS[base](value)
+    except (TypeError, ValueError):
+        raise ConfigError(option, f"expected {_NAMES[base]}, got {value!r}") from None
 
 
-def _boolean(text: str) -> bool:
-    lowered = text.lower()
-    if lowered not in ("true", "false", "1", "0", "yes", "no"):
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-    return lowered in ("true", "1", "yes")
+def _to_bool(value) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.lower() in ("true", "1", "yes")
+    raise ValueError(value)
 
 
-def _read_yaml(path: Path) -> dict:
+def _to_int(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise TypeError(value)
+    return int(value)
+
+
+def _to_float(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise TypeError(value)
+    return float(value)
+
+
+def _to_str(value) -> str:
+    if not isinstance(value, str):
+        raise TypeError(value)
+    return value
+
+
+_SCALARS = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
+_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _is_list(hint) -> bool:
+    return hint is list or getattr(hint, "__origin__", None) is list
+
+
+def _cli_value(option: str, hint, text: str):
+    try:
+        return convert(option, str if _is_list(hint) else hint, text)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(err.problem) from None
+
+
+def _read_yaml(path: Path, hints: dict) -> dict:
     if not path.is_file():
-        raise FileNotFoundError(f"--config {path}: no such file")
-    values = yaml.safe_load(path.read_text()) or {}
+        raise ConfigError("config", f"{path}: no such file")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError("config", f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
     if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a mapping of option: value")
-    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(TrainConfig)})
+        raise ConfigError("config", f"{path}: expected a mapping of option: value")
+    unknown = sorted(set(values) - set(hints))
     if unknown:
-        raise ValueError(f"{path}: unknown options {unknown}; see python main.py --help")
-    if isinstance(values.get("data"), str):
-        values["data"] = [values["data"]]
-    return values
+        raise ConfigError("config", f"{path}: unknown options {unknown}; see python main.py --help")
+    try:
+        return {name: convert(name, hints[name], value) for name, value in values.items()}
+    except ConfigError as err:
+        raise ConfigError(err.option, err.problem, str(path)) from None

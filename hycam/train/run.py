@@ -6,18 +6,21 @@ import json
 import math
 import os
 import socket
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup  # not top-level on 4.45
 
 from hycam.data import SYNTHETIC, Record, collate, first_per_task, load_sources, split_records, tokenize_cached
 from hycam.train.config import TrainConfig
 
 
-def init_distributed() -> tuple[int, int]:
-    """(rank, world size); a plain `python main.py` becomes a one-process group."""
+def init_distributed(timeout_seconds: float) -> tuple[int, int]:
+    """(rank, world size); a plain `python main.py` becomes a one-process group. A collective that
+    waits longer than `timeout_seconds` for another rank raises instead of hanging."""
     import deepspeed
 
     if "RANK" not in os.environ:
@@ -25,7 +28,14 @@ def init_distributed() -> tuple[int, int]:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    timeout = timedelta(seconds=timeout_seconds)
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", timeout=timeout)
+    # DeepSpeed makes its data-parallel groups with new_group(), which takes torch's default timeout
+    # (30 minutes), not the world group's: make the default this run's.
+    c10d = dist.distributed_c10d
+    for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
+        if isinstance(getattr(c10d, name, None), timedelta):
+            setattr(c10d, name, timeout)
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -81,12 +91,10 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
     return config
 
 
-def cosine_with_warmup(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    """The learning-rate multiplier at optimizer step `step`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+def cosine_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total: int):
+    """Linear warm-up over --warmup_ratio of the `total` steps, then cosine decay to lr * --min_lr_ratio."""
+    return get_cosine_with_min_lr_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total,
+                                                       min_lr_rate=cfg.min_lr_ratio)
 
 
 @torch.no_grad()
@@ -114,6 +122,20 @@ def validation_loss(engine, examples: list[dict], batch_size: int, pad_id: int, 
     return {"loss": (sums[:, 0].sum() / sums[:, 1].sum().clamp_min(1)).item(), "tasks": per_task}
 
 
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drops the lines of metrics.jsonl logged after `step`, which a run resumed there logs again."""
+    if path.is_file():
+        lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in lines))
+
+
+def _json_safe(value):
+    """`value` with NaN and infinities as null: JSON has no number for them."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 class MetricsLog:
     """metrics.jsonl and TensorBoard, written by rank 0 only."""
 
@@ -132,14 +154,16 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         if self.file is None:
             return
-        self.file.write(json.dumps(record) + "\n")
+        record = _json_safe(record)
+        self.file.write(json.dumps(record, allow_nan=False) + "\n")
         self.file.flush()
         if self.board is not None:
             for key, value in record.items():
                 if isinstance(value, float):
                     self.board.add_scalar(f"{record['split']}/{key}", value, record["step"])
             for task, value in record.get("tasks", {}).items():
-                self.board.add_scalar(f"{record['split']}/loss_{task}", value, record["step"])
+                if value is not None:
+                    self.board.add_scalar(f"{record['split']}/loss_{task}", value, record["step"])
 
     def close(self) -> None:
         if self.file is not None:

@@ -3,11 +3,12 @@
 import subprocess
 
 from conftest import REPO
+from test_guards import free_port
 
 
 def launch(*args):
     return subprocess.run(["bash", str(REPO / "run_model_base.sh"), *args], capture_output=True, text=True,
-                          cwd=REPO, timeout=60)
+                          cwd=REPO, timeout=180)
 
 
 def test_positional_arguments_become_named_options():
@@ -33,3 +34,15 @@ def test_bad_arguments_are_named():
     assert "unknown option --nope" in launch("--nope").stderr
     assert "at most 13" in launch(*["1"] * 14).stderr
     assert "--launcher must be" in launch("--dry_run", "--launcher", "mpi").stderr
+
+
+def test_a_refused_directory_keeps_its_launch_log(tmp_path):
+    run = tmp_path / "run"
+    (run / "resume").mkdir(parents=True)  # the directory of another run, which main.py refuses
+    (run / "launch.log").write_text("the earlier run's log\n")
+    done = launch("--launcher", "torchrun", "--gpus", "1", "--master_port", str(free_port()),
+                  "--output_dir", str(run))
+    assert done.returncode != 0
+    log = (run / "launch.log").read_text()
+    assert log.startswith("the earlier run's log\n")
+    assert f"--output_dir {run} already holds a run with checkpoints" in log

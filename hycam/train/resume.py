@@ -1,0 +1,130 @@
+"""A run's resume state: its trained weights, optimizer and schedule state, and where the loop is.
+
+``resume/`` holds
+- ``trained.safetensors``: the trained parameters, whole (gathered under ZeRO-3), by name;
+- ``optimizer-rank{r}.safetensors``: the torch optimizer's state on rank r: its parameters (the
+  fp32 master copies DeepSpeed partitions across ranks under ZeRO and BF16, the trained parameters
+  themselves otherwise) and their AdamW moments, with its hyperparameters as JSON metadata;
+- ``state.json``: where the loop is, the schedule's state and the world size.
+Nothing is pickled: tensors load with safetensors, the rest is JSON, so loading runs no code.
+The frozen backbone is not in it. No RNG state either: the loop reseeds torch at every optimizer
+step from (seed, step, rank) and a run resumes only at a step boundary.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from hycam.checkpoint import gather_tensors, gathered
+from hycam.train.rundir import RunDirError
+
+STATE, TRAINED = "state.json", "trained.safetensors"
+
+
+def base_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer inside DeepSpeed's ZeRO / BF16 wrappers (or the engine's own)."""
+    optimizer = engine.optimizer
+    while not isinstance(optimizer, torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def masters(engine) -> list[torch.Tensor]:
+    """The tensors the torch optimizer keeps state for: ZeRO-3's flat fp32 partitions (which it puts
+    into the optimizer's groups only while stepping), else the optimizer's parameters."""
+    partitions = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
+    if partitions is not None:
+        return list(partitions)
+    return [p for group in base_optimizer(engine).param_groups for p in group["params"]]
+
+
+def write(directory: Path, engine, trained: dict[str, nn.Parameter], progress: dict, rank: int,
+          world: int) -> None:
+    """Writes the resume state into the existing empty `directory` (every rank calls this)."""
+    whole = gather_tensors(trained)  # a collective under ZeRO-3
+    optimizer, tensors = base_optimizer(engine), {}
+    for index, master in enumerate(masters(engine)):
+        tensors[f"param.{index}"] = master.detach().to("cpu", copy=True).contiguous()
+        for key, value in optimizer.state.get(master, {}).items():
+            if not torch.is_tensor(value):
+                raise TypeError(f"optimizer state {key!r} is a {type(value).__name__}, not a tensor")
+            tensors[f"state.{index}.{key}"] = value.detach().to("cpu", copy=True).contiguous()
+    groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    save_file(tensors, directory / _optimizer_file(rank), metadata={"param_groups": json.dumps(groups)})
+    if rank == 0:
+        save_file(whole, directory / TRAINED, metadata={"format": "pt"})
+    dist.barrier()  # state.json last: a directory with it is complete
+    if rank == 0:
+        meta = {"progress": progress, "scheduler": engine.lr_scheduler.state_dict(), "world_size": world}
+        (directory / STATE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def read(directory: Path, engine, trained: dict[str, nn.Parameter], rank: int, world: int) -> dict:
+    """Loads the resume state of `directory` into the engine; returns the recorded progress."""
+    if not (directory / STATE).is_file():
+        raise RunDirError(f"{directory} holds no {STATE}: not a resume state of this hycam (older ones held "
+                          "DeepSpeed's pickled state, which is not loaded); start a new --output_dir")
+    meta = _read_json(directory / STATE)
+    if meta.get("world_size") != world:
+        raise RunDirError(f"{directory}: saved by {meta.get('world_size')} processes, resumed on {world}")
+    _copy(trained, _load(directory / TRAINED), directory / TRAINED, whole=True)
+    optimizer, file = base_optimizer(engine), directory / _optimizer_file(rank)
+    tensors, own = _load(file), masters(engine)
+    _copy({f"param.{i}": p for i, p in enumerate(own)}, {k: v for k, v in tensors.items() if k.startswith("param.")},
+          file)
+    for key, value in tensors.items():
+        if key.startswith("state."):
+            _, index, name = key.split(".", 2)
+            optimizer.state[own[int(index)]][name] = value.to(own[int(index)].device)
+    _set_hyperparameters(file, optimizer)
+    engine.lr_scheduler.load_state_dict(meta["scheduler"])
+    engine.global_steps = meta["progress"]["step"]
+    return meta["progress"]
+
+
+def _optimizer_file(rank: int) -> str:
+    return f"optimizer-rank{rank}.safetensors"
+
+
+def _set_hyperparameters(file: Path, optimizer: torch.optim.Optimizer) -> None:
+    """The saved learning rate and the rest of each group, with the tuples JSON made lists (betas)."""
+    with safe_open(file, "pt") as handle:
+        saved = json.loads(handle.metadata()["param_groups"])
+    if len(saved) != len(optimizer.param_groups):
+        raise RunDirError(f"{file}: {len(saved)} parameter groups, the optimizer has {len(optimizer.param_groups)}")
+    for group, values in zip(optimizer.param_groups, saved):
+        group.update({k: tuple(v) if isinstance(group.get(k), tuple) else v for k, v in values.items()})
+
+
+def _copy(params: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], file: Path, whole: bool = False) -> None:
+    """Copies `tensors` into `params`; `whole`: gather ZeRO-3 partitioned parameters around the copy."""
+    if set(params) != set(tensors):
+        missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+        raise RunDirError(f"{file} does not match this run: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    with gathered(list(params.values()) if whole else [], modifier_rank=0), torch.no_grad():
+        for name, param in params.items():
+            if tensors[name].shape != param.shape:
+                raise RunDirError(f"{file}: {name} has shape {tuple(tensors[name].shape)}, "
+                                  f"this run {tuple(param.shape)}")
+            param.copy_(tensors[name])
+
+
+def _load(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(file)
+    except (OSError, SafetensorError) as err:
+        raise RunDirError(f"{file}: cannot read the resume state ({err})") from None
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError) as err:
+        raise RunDirError(f"{file}: cannot read the resume state ({err})") from None
