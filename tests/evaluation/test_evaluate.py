@@ -94,6 +94,20 @@ def test_generation_stops_before_the_first_eos():
     assert stopped[1] == free[:cut]
 
 
+def test_rows_that_stop_leave_the_batch_and_the_others_decode_as_alone():
+    model, prompts = prompts_and_model()
+    free = [argmax_decode(model, p, 10) for p in prompts]
+    # a token that ends some rows early but not all, so that the batch shrinks while others decode
+    eos = next(t for t in free[0] if 0 < sum(t in f[:9] for f in free) < len(free))
+    sizes = []
+    handle = model.register_forward_pre_hook(lambda _, args, kwargs: sizes.append(kwargs["input_ids"].size(0)),
+                                             with_kwargs=True)
+    stopped = greedy_generate(model, prompts, pad_token_id=0, eos_token_ids=[eos], max_new_tokens=10, batch_size=5)
+    handle.remove()
+    assert stopped == [f[: f.index(eos)] if eos in f else f for f in free]
+    assert sizes[0] == 5 and sizes == sorted(sizes, reverse=True) and sizes[-1] < 5
+
+
 # ---- the commands on a tiny model with the SmolLM2 tokenizer ---------------------------------------
 
 def write_metrics(folder, losses):
