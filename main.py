@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> tuple[Progress, torch.nn.Module]:
         methods.save_trained(run.engine.module, cfg.method, run.options, run.out / "last",
                              {**run.meta, "step": progress.step})
         log(f"stopped: {stop}. best validation loss {progress.best:.4f}; checkpoints in {run.out}/best, /last")
+        log(f"evaluate it: hycam-eval --checkpoint {run.out / 'best'}")
         if rank == 0:
             (run.out / "summary.json").write_text(json.dumps({**asdict(progress), "stop": stop}, indent=2) + "\n")
     run.metrics.close()

@@ -16,6 +16,7 @@ from conftest import REPO, SHARED_DATA, tiny_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import hycam
+from hycam.cam import HyCAM
 from hycam.evaluation import compare, evaluate
 from hycam.data import split_records
 from hycam.evaluation.generation import greedy_generate, response_nll
@@ -256,3 +257,26 @@ def test_a_task_without_references_in_the_split_is_named(tiny_run, tmp_path, cap
     assert evaluate.main(["--checkpoint", str(tiny_run.checkpoint), "--tasks", str(tmp_path / "tiny_task.jsonl")]) == 2
     line = error_line(capsys)
     assert "'icliniq'" in line and "no references" in line
+
+
+def test_bfloat16_evaluation_gives_the_float32_perplexity_within_one_percent(tiny_run, tmp_path):
+    ppl = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / dtype
+        argv = ["--checkpoint", str(tiny_run.checkpoint), *EVAL_ARGS, "--dtype", dtype, "--output-dir", str(out)]
+        assert evaluate.main([*argv, "--no-progress"]) == 0
+        result = json.loads((out / "results.json").read_text())
+        assert result["dtype"] == dtype
+        ppl[dtype] = {task: values["ppl"] for task, values in result["tasks"].items()}
+    assert set(ppl["bfloat16"]) == set(TASKS)
+    for task in TASKS:
+        assert ppl["bfloat16"][task] == pytest.approx(ppl["float32"][task], rel=0.01)
+        assert ppl["bfloat16"][task] != ppl["float32"][task]  # really computed in bfloat16
+
+
+def test_a_bfloat16_load_keeps_hycams_one_matmul_inference(tiny_run):
+    model, _, _ = evaluate.load_trained(tiny_run.checkpoint, dtype=torch.bfloat16)
+    cams = [m for m in model.modules() if isinstance(m, HyCAM)]
+    assert cams and all(p.dtype == torch.bfloat16 for p in model.parameters())
+    with torch.no_grad():
+        assert all(cam._merged_input_weight() is not None for cam in cams)
