@@ -140,3 +140,13 @@ def test_the_run_ends_by_printing_the_evaluation_command_of_its_checkpoint(tiny_
     last_line = capsys.readouterr().out.strip().splitlines()[-1]
     assert last_line == f"[hycam] evaluate it: hycam-eval --checkpoint {tmp_path / 'best'}"
     assert (tmp_path / "best" / methods.METHOD_FILE).is_file()
+
+
+def test_bf16_training_follows_float32_within_half_a_percent(tiny_model_dir, shared_data, tmp_path):
+    losses = {}
+    for bf16 in ("false", "true"):
+        run(tiny_model_dir, shared_data, tmp_path / bf16, "--max_steps", "4", "--eval_interval", "4", "--bf16", bf16)
+        lines = [json.loads(line) for line in (tmp_path / bf16 / "metrics.jsonl").read_text().splitlines()]
+        losses[bf16] = [line["loss"] for line in lines]  # 4 training steps, then the validation loss
+    assert len(losses["true"]) == 5 and losses["true"] != losses["false"]
+    assert losses["true"] == pytest.approx(losses["false"], rel=0.005)
