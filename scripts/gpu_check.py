@@ -147,20 +147,25 @@ def measure(shape: str, args) -> dict[str, dict]:
     return rows
 
 
+CHECK_HEADER = ["| shape | dtype | max relative error, fused vs plain (float64) | tolerance | ok |",
+                "|---|---|---:|---:|---|"]
+SPEED_HEADER = ["| shape | method | trainable params | step (s) | train tokens/s | peak MB | over model MB | "
+                "decode tokens/s |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+
+
 def markdown(result: dict) -> str:
     a = result["settings"]
     lines = [f"`{result['command']}` ({result['elapsed_s']:.0f} s)", "", f"Machine: {result['machine']}", "",
-             "| shape | dtype | max relative error, fused vs plain (float64) | tolerance | ok |", "|---|---|---:|---:|---|"]
+             *CHECK_HEADER]
     lines += [f"| {c['shape']} | {c['dtype']} | {c['max_relative_error']:.2e} | {c['tolerance']:.0e} | "
               f"{'yes' if c['ok'] else 'NO'} |" for c in result["checks"]]
     lines += ["", f"{a['dtype']}; training batch {a['batch']} x {a['seq_len']} tokens; greedy decoding of "
               f"{a['new_tokens']} tokens after 64, batch 1, KV cache; medians of {a['repeats']} rounds.", "",
-              "| shape | method | trainable params | step (s) | train tokens/s | peak MB | over model MB | decode tokens/s |",
-              "|---|---|---:|---:|---:|---:|---:|---:|"]
+              *SPEED_HEADER]
     for shape, rows in result["speed"].items():
-        lines += [f"| {shape} | {m} | {r['params']['trainable']:,} | {r['step_s']:.4f} | {r['train_tokens_per_s']:.0f} | "
-                  f"{r['peak_mb']:.0f} | {r['over_model_mb']:.0f} | {r['decode_tokens_per_s']:.1f} |"
-                  for m, r in rows.items()]
+        lines += [f"| {shape} | {m} | {r['params']['trainable']:,} | {r['step_s']:.4f} | "
+                  f"{r['train_tokens_per_s']:.0f} | {r['peak_mb']:.0f} | {r['over_model_mb']:.0f} | "
+                  f"{r['decode_tokens_per_s']:.1f} |" for m, r in rows.items()]
     return "\n".join(lines) + "\n"
 
 

@@ -29,7 +29,7 @@ from torch import nn
 from hycam.baselines import methods
 from hycam.data import (DataError, Record, first_per_task, load_records, prompt_ids, split_records,
                         tokenize_records)
-from hycam.data.models import load_model, load_tokenizer
+from hycam.data.models import load_model, load_tokenizer, resolve
 from hycam.evaluation import tables
 from hycam.evaluation.generation import greedy_generate, response_nll
 from hycam.evaluation.metrics import bleu4, perplexity, rouge_l
@@ -153,7 +153,10 @@ def load_trained(checkpoint: str | Path, base_model: str | None = None, device: 
     if model_name is None:
         raise ValueError(f"{checkpoint}: the base model is not recorded; pass it explicitly")
     gguf = meta.get("gguf_file") if base_model is None else None
-    model = methods.load_into(load_model(model_name, gguf, dtype=dtype), checkpoint)
+    # A GGUF file is de-quantised to float32 (transformers warns against asking it for another dtype).
+    packed = resolve(model_name, gguf)[1] is not None
+    base = load_model(model_name, gguf).to(dtype) if packed else load_model(model_name, gguf, dtype=dtype)
+    model = methods.load_into(base, checkpoint)
     return model.to(device).eval(), load_tokenizer(model_name, gguf), meta
 
 
