@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> tuple[Progress, torch.nn.Module]:
                                  {**run.meta, "step": progress.step})
             rundir.swap_in(run.out, "last", rank)
             log(f"stopped: {stop}. best validation loss {progress.best:.4f}; checkpoints in {run.out}/best, /last")
+            log(f"evaluate it: hycam-eval --checkpoint {run.out / 'best'}")
             if rank == 0:
                 (run.out / "summary.json").write_text(json.dumps(_progress_json(progress) | {"stop": stop},
                                                                  indent=2) + "\n")

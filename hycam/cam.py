@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hycam.config import HyCAMConfig
-from hycam.fusion import weighted_silu_sum
+from hycam.fusion import modulation_at_inference, weighted_silu_sum
 from hycam.projection import Projection
 from hycam.routing import gumbel_route
 
@@ -133,7 +133,7 @@ class HyCAM(nn.Module):
         if merged is not None:  # inference: one matmul for the three, not three small ones (decoding)
             shared, a, logits = F.linear(h, merged).split(self._input_sizes, dim=-1)
             _, probs = self.router.route(logits)
-            return F.silu(shared) + self.fuse(self.spec_down.mix_experts(a), probs)
+            return modulation_at_inference(shared, a, probs, self.spec_down.mix, self.spec_up, self.scale)
         if self.router is None:
             return self.shared_modulation(h)
         spec = self.specialized_modulation(h)

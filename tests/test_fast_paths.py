@@ -171,3 +171,30 @@ def test_training_under_cpu_autocast_runs():
     loss.backward()
     spec_up = model.model.layers[0].self_attn.hycam.spec_up
     assert spec_up.grad.dtype == torch.float32 and spec_up.grad.abs().sum() > 0
+
+
+def plain_fusion(cam, h):
+    """Eq. 11 written out, one expert at a time, in float64: SiLU(h W_s^T) + sum_k p_k SiLU(s h (B_k N_k A_k)^T)."""
+    w = {name: p.detach().double() for name, p in cam.named_parameters()}
+    n, r = w["spec_up"].shape[0], w["spec_up"].shape[2]
+    down, h = w["spec_down.down.weight"].view(n, r, -1), h.double()
+    probs = torch.softmax(h @ w["router.weight"].T / cam.router.tau, dim=-1)
+    experts = [F.silu(cam.scale * h @ (w["spec_up"][k] @ w["spec_down.mix"][k] @ down[k]).T) for k in range(n)]
+    return F.silu(h @ w["shared.weight"].T) + sum(probs[..., k : k + 1] * e for k, e in enumerate(experts))
+
+
+@pytest.mark.parametrize("lora_alpha", [None, 32.0])
+@pytest.mark.parametrize("tokens", [1, 7])
+def test_inference_matches_the_plain_formula_in_float64_and_bfloat16(lora_alpha, tokens):
+    config = hycam.HyCAMConfig(num_specialized=3, rank=8, lora_alpha=lora_alpha, init_std=0.1)
+    cam = HyCAM(32, config, dtype=torch.float64).eval()
+    h = torch.randn(2, tokens, 32, dtype=torch.float64)
+    with torch.no_grad():
+        assert cam._merged_input_weight() is not None  # the one-matmul path is the one tested
+        torch.testing.assert_close(cam(h), plain_fusion(cam, h), rtol=1e-12, atol=1e-12)
+        low = HyCAM(32, config, dtype=torch.bfloat16).eval()
+        low.load_state_dict(cam.state_dict())  # copies into the adjacent storage: the merged path stays
+        assert low._merged_input_weight() is not None
+        got = low(h.bfloat16()).double()
+    want = plain_fusion(low, h.bfloat16())
+    assert (got - want).abs().max() <= 0.02 * want.abs().max()

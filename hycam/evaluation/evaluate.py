@@ -31,12 +31,13 @@ from torch import nn
 
 from hycam.baselines import methods
 from hycam.data import DataError, Record, prompt_ids, tokenize_records
-from hycam.data.models import load_model, load_tokenizer
+from hycam.data.models import load_model, load_tokenizer, resolve
 from hycam.evaluation import tables
 from hycam.evaluation.selection import (SPLITS, EvalOptions, UsageError, describe, read_tasks, resolve_options,
                                         scored, select_records, task_files, trained_on)
 from hycam.evaluation.generation import greedy_generate, response_nll
 from hycam.evaluation.metrics import bleu4, perplexity, rouge_l
+from hycam.precision import bf16_is_fast
 
 RUN_CONFIG = "run_config.json"
 
@@ -70,31 +71,42 @@ def recorded_settings(checkpoint: str | Path) -> dict:
     return meta
 
 
-def load_checkpoint(checkpoint: str, base_model: str | None, device: str) -> tuple[nn.Module, object, dict]:
+def load_checkpoint(checkpoint: str, base_model: str | None, device: str,
+                    dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object, dict]:
     """(model, tokenizer, meta) of a trained checkpoint; a mismatch is a UsageError, not a traceback."""
     try:
-        return load_trained(checkpoint, base_model, device)
+        return load_trained(checkpoint, base_model, device, dtype)
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UsageError(f"cannot load checkpoint {checkpoint} on base model {base_model or '(recorded)'}: "
                          f"{first_line}") from err
 
 
-def load_trained(checkpoint: str | Path, base_model: str | None = None, device: str = "cpu"):
-    """Rebuilds a trained model from a checkpoint dir of `main.py`: (model, tokenizer, meta)."""
+def load_trained(checkpoint: str | Path, base_model: str | None = None, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32):
+    """Rebuilds a trained model from a checkpoint dir of `main.py`: (model, tokenizer, meta).
+
+    The base model is loaded in `dtype` before the method is added, so that the method's modules are
+    built in it too (HyCAM's one-matmul inference needs its weights made in place, not cast later)."""
     meta = methods.read_method(checkpoint)
     model_name = base_model or meta.get("model")
     if model_name is None:
         raise ValueError(f"{checkpoint}: the base model is not recorded; pass it explicitly")
     gguf = meta.get("gguf_file") if base_model is None else None
-    model = methods.load_into(load_model(model_name, gguf), checkpoint)
+    model = methods.load_into(_base_in(model_name, gguf, dtype), checkpoint)
     return model.to(device).eval(), load_tokenizer(model_name, gguf), meta
 
 
-def load_base(model_name: str, device: str = "cpu") -> tuple[nn.Module, object]:
+def _base_in(model_name: str, gguf: str | None, dtype: torch.dtype) -> nn.Module:
+    # A GGUF file is de-quantised to float32 (transformers warns against asking it for another dtype).
+    packed = resolve(model_name, gguf)[1] is not None
+    return load_model(model_name, gguf).to(dtype) if packed else load_model(model_name, gguf, dtype=dtype)
+
+
+def load_base(model_name: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
     """The untrained base model and its tokenizer, loaded as under a checkpoint (same dtype and tokenizer)."""
     try:
-        model, tokenizer = load_model(model_name), load_tokenizer(model_name)
+        model, tokenizer = _base_in(model_name, None, dtype), load_tokenizer(model_name)
     except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UsageError(f"cannot load base model {model_name}: {first_line}") from err
@@ -186,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base-model", default=None, help="base model dir, .gguf or name; default: the run's")
     parser.add_argument("--output-dir", default=None, help="default: CHECKPOINT/eval-SPLIT, or eval-base-SPLIT")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="auto: bfloat16 where the device computes it in hardware (hycam.precision), else "
+                             "float32; PPL in bfloat16 is within 1%% of float32's (tests/evaluation/test_evaluate.py)")
     parser.add_argument("--label", default=None, help="method name in the tables (default: the checkpoint's, or base)")
     parser.add_argument("--split", choices=SPLITS, default=None, help="the run's split to score, or all records "
                         "(default: all of --tasks, else the run's test split)")
@@ -197,6 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="prompt template (default: the run's)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     return parser
+
+
+def eval_dtype(args: argparse.Namespace) -> torch.dtype:
+    if args.dtype == "auto":
+        return torch.bfloat16 if bf16_is_fast(args.device) else torch.float32
+    return getattr(torch, args.dtype)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,13 +259,15 @@ def score(args: argparse.Namespace) -> tuple[dict, list[dict]]:
     by_task = select_records(read_tasks(files, recorded), options)  # before the model loads: bad data fails fast
     account = scored(files, by_task, options)
     announce(account, trained_on(files, recorded) if args.tasks and options.split == "all" else [])
+    dtype = eval_dtype(args)
     if args.checkpoint:
-        model, tokenizer, _ = load_checkpoint(args.checkpoint, args.base_model, args.device)
+        model, tokenizer, _ = load_checkpoint(args.checkpoint, args.base_model, args.device, dtype)
     else:
-        model, tokenizer = load_base(args.base_model, args.device)
+        model, tokenizer = load_base(args.base_model, args.device, dtype)
     result, generations = evaluate_selected(model, tokenizer, by_task, options,
                                             args.label or recorded.get("method", "base"))
-    result.update(scored=account, checkpoint=str(Path(args.checkpoint).resolve()) if args.checkpoint else None,
+    result.update(scored=account, dtype=str(dtype).removeprefix("torch."),
+                  checkpoint=str(Path(args.checkpoint).resolve()) if args.checkpoint else None,
                   task_files=account["files"], base_model=args.base_model or recorded.get("model"))
     return result, generations
 

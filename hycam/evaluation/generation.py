@@ -7,6 +7,7 @@ deterministic routing (HyCAM's default at eval) the same model and data give the
 
 from __future__ import annotations
 
+import inspect
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from hycam.data import IGNORE_INDEX, collate
 
@@ -81,7 +83,9 @@ def greedy_generate(model: nn.Module, prompts: Sequence[Sequence[int]], pad_toke
     """Greedy continuations of `prompts` (token ids), in input order, each cut before its first EOS.
 
     Batches are left-padded so every prompt's next token is the same column, and decoding uses the
-    KV cache; the tokens equal those of decoding each prompt on its own (tested).
+    KV cache; a row leaves the batch (and the cache) as soon as it has produced an EOS, so the
+    rows still running do not pay for finished ones. The tokens equal those of decoding each
+    prompt on its own (tested).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -90,11 +94,50 @@ def greedy_generate(model: nn.Module, prompts: Sequence[Sequence[int]], pad_toke
     device = next(model.parameters()).device
     results: list[list[int]] = [[] for _ in prompts]
     for indices in _progress(_batches_by_length([len(p) for p in prompts], batch_size), "generate", progress):
-        batch = left_pad([prompts[i] for i in indices], pad_token_id)
-        output = model.generate(**{k: v.to(device) for k, v in batch.items()}, do_sample=False, num_beams=1,
-                                use_cache=True, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id,
-                                eos_token_id=list(eos_token_ids))
-        new_tokens = output[:, batch["input_ids"].size(1):].tolist()  # (B, <= max_new_tokens)
-        for i, tokens in zip(indices, new_tokens):
+        batch = {k: v.to(device) for k, v in left_pad([prompts[i] for i in indices], pad_token_id).items()}
+        for i, tokens in zip(indices, _decode(model, batch, eos_token_ids, max_new_tokens)):
             results[i] = _until_stop(tokens, set(eos_token_ids), pad_token_id)
     return results
+
+
+def _decode(model: nn.Module, batch: dict[str, torch.Tensor], eos_token_ids: Sequence[int],
+            max_new_tokens: int) -> list[list[int]]:
+    """The new tokens of every row of a left-padded batch, each up to and including its first EOS."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)  # left padding: each row's first token is position 0
+    cache = _new_cache(model)
+    extra = _forward_arguments(model, cache)
+    rows, tokens = torch.arange(ids.size(0)), [[] for _ in range(ids.size(0))]
+    stop = torch.tensor(list(eos_token_ids), dtype=torch.long, device=ids.device)
+    for _ in range(max_new_tokens):
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra).logits
+        chosen, positions = logits[:, -1].argmax(-1), positions[:, -1:] + 1  # (live rows,), (live rows, 1)
+        for row, token in zip(rows.tolist(), chosen.tolist()):
+            tokens[row].append(token)
+        live = (~torch.isin(chosen, stop)).nonzero().squeeze(1)  # (rows still decoding,)
+        if live.numel() == 0:
+            break
+        if live.numel() < rows.numel():  # finished rows leave the batch and the cache
+            cache.batch_select_indices(live)
+            rows, chosen, mask, positions = rows[live.cpu()], chosen[live], mask[live], positions[live]
+        ids, mask = chosen[:, None], torch.cat([mask, mask.new_ones(mask.size(0), 1)], dim=1)
+    return tokens
+
+
+def _new_cache(model: nn.Module) -> DynamicCache:
+    """An empty KV cache laid out as `generate` would make it (transformers 5 reads the model's config for
+    sliding-window layers; 4.x takes no config). Every forward fills it in place."""
+    if "config" in inspect.signature(DynamicCache.__init__).parameters:
+        return DynamicCache(config=model.config)
+    return DynamicCache()
+
+
+def _forward_arguments(model: nn.Module, cache: DynamicCache) -> dict:
+    """The cache under the name this transformers takes (`cache` since 5.2x, `past_key_values` before),
+    and the argument that makes the LM head score only the last position (`logits_to_keep` since
+    4.50, `num_logits_to_keep` before; at prefill the full `[B, L, vocab]` logits cost more than the
+    rest of the step), as far as the model's forward names them."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft forwards **kwargs
+    names = inspect.signature(inner.forward).parameters
+    arguments = {"cache" if "cache" in names else "past_key_values": cache}
+    return arguments | next(({name: 1} for name in ("logits_to_keep", "num_logits_to_keep") if name in names), {})

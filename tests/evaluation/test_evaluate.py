@@ -16,6 +16,7 @@ from conftest import REPO, SHARED_DATA, tiny_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import hycam
+from hycam.cam import HyCAM
 from hycam.evaluation import compare, evaluate
 from hycam.data import split_records
 from hycam.evaluation.generation import greedy_generate, response_nll
@@ -92,6 +93,20 @@ def test_generation_stops_before_the_first_eos():
     cut = next(k for k in range(1, 10) if free[k] not in free[:k])
     stopped = greedy_generate(model, prompts, pad_token_id=0, eos_token_ids=[free[cut]], max_new_tokens=10)
     assert stopped[1] == free[:cut]
+
+
+def test_rows_that_stop_leave_the_batch_and_the_others_decode_as_alone():
+    model, prompts = prompts_and_model()
+    free = [argmax_decode(model, p, 10) for p in prompts]
+    # a token that ends some rows early but not all, so that the batch shrinks while others decode
+    eos = next(t for t in free[0] if 0 < sum(t in f[:9] for f in free) < len(free))
+    sizes = []
+    handle = model.register_forward_pre_hook(lambda _, args, kwargs: sizes.append(kwargs["input_ids"].size(0)),
+                                             with_kwargs=True)
+    stopped = greedy_generate(model, prompts, pad_token_id=0, eos_token_ids=[eos], max_new_tokens=10, batch_size=5)
+    handle.remove()
+    assert stopped == [f[: f.index(eos)] if eos in f else f for f in free]
+    assert sizes[0] == 5 and sizes == sorted(sizes, reverse=True) and sizes[-1] < 5
 
 
 # ---- the commands on a tiny model with the SmolLM2 tokenizer ---------------------------------------
@@ -243,3 +258,26 @@ def test_a_task_without_references_in_the_split_is_named(tiny_run, tmp_path, cap
     assert evaluate.main(argv) == 2
     line = error_line(capsys)
     assert "'icliniq'" in line and "no references" in line
+
+
+def test_bfloat16_evaluation_gives_the_float32_perplexity_within_one_percent(tiny_run, tmp_path):
+    ppl = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / dtype
+        argv = ["--checkpoint", str(tiny_run.checkpoint), *EVAL_ARGS, "--dtype", dtype, "--output-dir", str(out)]
+        assert evaluate.main([*argv, "--no-progress"]) == 0
+        result = json.loads((out / "results.json").read_text())
+        assert result["dtype"] == dtype
+        ppl[dtype] = {task: values["ppl"] for task, values in result["tasks"].items()}
+    assert set(ppl["bfloat16"]) == set(TASKS)
+    for task in TASKS:
+        assert ppl["bfloat16"][task] == pytest.approx(ppl["float32"][task], rel=0.01)
+        assert ppl["bfloat16"][task] != ppl["float32"][task]  # really computed in bfloat16
+
+
+def test_a_bfloat16_load_keeps_hycams_one_matmul_inference(tiny_run):
+    model, _, _ = evaluate.load_trained(tiny_run.checkpoint, dtype=torch.bfloat16)
+    cams = [m for m in model.modules() if isinstance(m, HyCAM)]
+    assert cams and all(p.dtype == torch.bfloat16 for p in model.parameters())
+    with torch.no_grad():
+        assert all(cam._merged_input_weight() is not None for cam in cams)

@@ -127,7 +127,7 @@ def direct_scores(model_dir, records, max_new_tokens=3, max_length=200):
 
 
 def test_the_base_model_row_equals_a_direct_computation(own, tiny_model_dir, tmp_path):
-    steps = ["--max-new-tokens", "12"]
+    steps = ["--max-new-tokens", "12", "--dtype", "float32"]  # the direct computation runs in float32
     prompts = load_records(own.mixed)
     predictions = direct_scores(tiny_model_dir, prompts, max_new_tokens=12)[1]
     # references sharing most words with the generations, so that BLEU-4 and ROUGE-L are neither 0 nor 1

@@ -141,3 +141,21 @@ def test_zero_stages_train_and_save_whole_tensors(stage, tiny_model_dir, shared_
                 for name, p in methods.saved(model, "hycam").items()}
     assert {name: tuple(t.shape) for name, t in saved.items()} == {n: tuple(s) for n, s in expected.items()}
     assert all(t.abs().sum() > 0 for name, t in saved.items() if name.endswith("shared.weight"))
+
+
+def test_the_run_ends_by_printing_the_evaluation_command_of_its_checkpoint(tiny_model_dir, shared_data, tmp_path,
+                                                                           capsys):
+    run(tiny_model_dir, shared_data, tmp_path, "--max_steps", "1", "--eval_interval", "1")
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last_line == f"[hycam] evaluate it: hycam-eval --checkpoint {tmp_path / 'best'}"
+    assert (tmp_path / "best" / methods.METHOD_FILE).is_file()
+
+
+def test_bf16_training_follows_float32_within_half_a_percent(tiny_model_dir, shared_data, tmp_path):
+    losses = {}
+    for bf16 in ("false", "true"):
+        run(tiny_model_dir, shared_data, tmp_path / bf16, "--max_steps", "4", "--eval_interval", "4", "--bf16", bf16)
+        lines = [json.loads(line) for line in (tmp_path / bf16 / "metrics.jsonl").read_text().splitlines()]
+        losses[bf16] = [line["loss"] for line in lines]  # 4 training steps, then the validation loss
+    assert len(losses["true"]) == 5 and losses["true"] != losses["false"]
+    assert losses["true"] == pytest.approx(losses["false"], rel=0.005)
