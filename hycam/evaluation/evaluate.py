@@ -17,6 +17,7 @@ Results go to `results.json` (the record `hycam.evaluation.tables` reads), `resu
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import sys
@@ -27,11 +28,10 @@ import torch
 from torch import nn
 
 from hycam.baselines import methods
-from hycam.data import (DataError, Record, first_per_task, load_records, prompt_ids, split_records,
-                        tokenize_records)
+from hycam.data import DataError, Record, first_per_task, load_records, prompt_ids, split_records, tokenize_record
 from hycam.data.models import load_model, load_tokenizer
 from hycam.evaluation import tables
-from hycam.evaluation.generation import greedy_generate, response_nll
+from hycam.evaluation.generation import greedy_generate, record_nll
 from hycam.evaluation.metrics import bleu4, perplexity, rouge_l
 
 SPLITS = ("test", "validation", "train", "all")
@@ -49,7 +49,7 @@ class EvalOptions:
     split: str = "test"
     """Which records: the run's 'test', 'validation' or 'train' split, or 'all' of them."""
     seed: int | None = None
-    """Seed of split_records; None: the run's seed (method.json or run_config.json)."""
+    """Seed of split_records; None: the run's data_seed, else its seed (method.json or run_config.json)."""
     template: str | None = None
     """Prompt template; None: the run's, else 'auto'."""
     max_length: int | None = None
@@ -60,6 +60,8 @@ class EvalOptions:
     """Records per forward pass, for PPL and for generation."""
     limit: int | None = None
     """At most this many records per task (the split's first ones)."""
+    generate_limit: int | None = None
+    """Of those, at most this many per task (the first ones) are generated for BLEU-4 and ROUGE-L; None: all."""
     progress: bool = True
     """Show progress bars on stderr."""
     max_records_per_task: int | None = None
@@ -90,7 +92,8 @@ def recorded_settings(checkpoint: str | Path) -> dict:
 
 def resolve_options(options: EvalOptions, recorded: dict, checkpoint: str | Path) -> EvalOptions:
     """Fills the options left None, and the split's settings, from what the run recorded."""
-    seed = options.seed if options.seed is not None else recorded.get("seed")
+    split_seed = recorded.get("data_seed") if recorded.get("data_seed") is not None else recorded.get("seed")
+    seed = options.seed if options.seed is not None else split_seed
     if seed is None and options.split != "all":
         raise UsageError(f"{checkpoint}: the run's seed is not recorded; pass --seed to rebuild its "
                          f"{options.split} split")
@@ -159,30 +162,53 @@ def stop_tokens(model: nn.Module, tokenizer) -> list[int]:
 
 
 def evaluate_records(model: nn.Module, tokenizer, by_task: dict[str, list[Record]],
-                     options: EvalOptions) -> tuple[dict[str, dict], list[dict]]:
-    """Per-task metrics and every generation, for records already chosen."""
-    records = [r for task_records in by_task.values() for r in task_records]
+                     options: EvalOptions) -> tuple[dict[str, dict], list[dict], list[dict]]:
+    """Per-task metrics, every generation, and each scored record's response NLL (`score_records`: what
+    paired comparisons of two runs on the same records resample), for records already chosen."""
+    if options.generate_limit is not None and options.generate_limit < 1:
+        raise UsageError(f"--generate-limit must be >= 1, got {options.generate_limit}")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    try:
-        examples, stats = tokenize_records(records, tokenizer, options.max_length, options.template)
-    except ValueError as err:  # a template the tokenizer lacks, a bad --max-length
-        raise UsageError(str(err)) from err
-    nll = response_nll(model, examples, pad, options.batch_size, options.progress)
-    prompts = [prompt_ids(r, tokenizer, options.template) for r in records]
+    rows = score_records(model, tokenizer, [r for task_records in by_task.values() for r in task_records], pad,
+                         options)
+    nll = {task: (sum(x["nll"] for x in rows if x["task"] == task and x["nll"] is not None),
+                  sum(x["tokens"] for x in rows if x["task"] == task)) for task in by_task}
+    generated = [r for task_records in by_task.values() for r in task_records[:options.generate_limit]]
+    prompts = [prompt_ids(r, tokenizer, options.template) for r in generated]
     outputs = greedy_generate(model, prompts, pad, stop_tokens(model, tokenizer), options.max_new_tokens,
                               options.batch_size, options.progress)
     predictions = [text.strip() for text in tokenizer.batch_decode(outputs, skip_special_tokens=True)]
     generations = [{"task": r.task, "instruction": r.instruction, "input": r.input, "reference": r.output,
-                    "prediction": p} for r, p in zip(records, predictions)]
-    metrics = {task: {**task_metrics(task, generations, nll, options), "skipped": stats.skipped[task]}
-               for task in by_task}
-    return metrics, generations
+                    "prediction": p} for r, p in zip(generated, predictions)]
+    metrics = {task: {**task_metrics(task, generations, nll, options), "scored": len(by_task[task]),
+                      "skipped": sum(x["nll"] is None for x in rows if x["task"] == task)} for task in by_task}
+    return metrics, generations, rows
+
+
+def score_records(model: nn.Module, tokenizer, records: list[Record], pad: int, options: EvalOptions) -> list[dict]:
+    """Per record, in order: task, id, summed response NLL and response tokens (None, 0: prompt too long)."""
+    try:
+        examples = [tokenize_record(r, tokenizer, options.max_length, options.template) for r in records]
+    except ValueError as err:  # a template the tokenizer lacks, a bad --max-length
+        raise UsageError(str(err)) from err
+    scores = iter(record_nll(model, [e for e in examples if e is not None], pad, options.batch_size,
+                             options.progress))
+    rows = []
+    for record, example in zip(records, examples):
+        total, tokens = next(scores) if example is not None else (None, 0)
+        rows.append({"task": record.task, "id": record_id(record), "nll": total, "tokens": tokens})
+    return rows
+
+
+def record_id(record: Record) -> str:
+    """A short hash of the record's text: paired comparisons check that two runs scored the same records."""
+    text = "\x1f".join((record.task, record.instruction, record.input, record.output))
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
 def task_metrics(task: str, generations: list[dict], nll: dict[str, tuple[float, int]],
                  options: EvalOptions) -> dict:
     """PPL over the task's response tokens; corpus BLEU-4 and mean ROUGE-L of its generations."""
-    if task not in nll:
+    if not nll[task][1]:
         raise UsageError(f"task {task!r}: every prompt is longer than --max-length {options.max_length}")
     rows = [g for g in generations if g["task"] == task]
     predictions, references = [g["prediction"] for g in rows], [g["reference"].strip() for g in rows]
@@ -200,9 +226,9 @@ def evaluate(model: nn.Module, tokenizer, records: list[Record], options: EvalOp
     """The result record (`hycam.evaluation.tables`' format, plus what produced it) and the generations."""
     by_task = select_records(records, options)
     torch.manual_seed(options.seed or 0)  # only noisy routing (eval_noise=True) draws from it
-    metrics, generations = evaluate_records(model.eval(), tokenizer, by_task, options)
+    metrics, generations, records = evaluate_records(model.eval(), tokenizer, by_task, options)
     result = {"method": method, "seed": options.seed, "split": options.split,
-              "tasks": metrics, "average": average(metrics), "options": asdict(options)}
+              "tasks": metrics, "average": average(metrics), "options": asdict(options), "records": records}
     return result, generations
 
 
@@ -231,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", choices=SPLITS, default="test", help="the run's split to score, or all records")
     for name, text in (("seed", "split seed (default: the run's)"), ("max_length", "PPL context (default: the run's)"),
                        ("max_new_tokens", "generation budget"), ("batch_size", "records per forward pass"),
-                       ("limit", "at most this many records per task")):
+                       ("limit", "at most this many records per task"),
+                       ("generate_limit", "of those, at most this many generated per task (default: all)")):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(EvalOptions, name), help=text)
     parser.add_argument("--template", choices=("auto", "chat", "plain", "authors"), default=None,
                         help="prompt template (default: the run's)")
@@ -261,7 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         print(f"hycam-eval: error: {err}", file=sys.stderr)
         return 2
-    result.update(checkpoint=str(Path(args.checkpoint).resolve()), task_files=[str(Path(f).resolve()) for f in files],
+    # "seed" names the run (its init), "split_seed" the records: they differ in a paired study (--data_seed).
+    result.update(seed=recorded.get("seed", result["seed"]), split_seed=options.seed,
+                  checkpoint=str(Path(args.checkpoint).resolve()), task_files=[str(Path(f).resolve()) for f in files],
                   base_model=args.base_model or recorded.get("model"))
     print(write_results(result, generations, args.output_dir or Path(args.checkpoint) / f"eval-{options.split}"))
     return 0

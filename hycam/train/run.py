@@ -36,7 +36,7 @@ def load_task_records(cfg: TrainConfig, log) -> list[Record]:
         records = load_records(existing)
     elif cfg.synthetic_if_missing:
         log(f"no --data path exists ({', '.join(cfg.data)}): training on the generated five-task set instead")
-        records = synthetic_tasks(cfg.max_records_per_task or 200, seed=cfg.seed)
+        records = synthetic_tasks(cfg.max_records_per_task or 200, seed=cfg.split_seed)
     else:
         raise FileNotFoundError(f"--data: none of {cfg.data} exists")
     if cfg.max_records_per_task is None:
@@ -46,7 +46,7 @@ def load_task_records(cfg: TrainConfig, log) -> list[Record]:
 
 def prepare_splits(cfg: TrainConfig, tokenizer, log) -> dict[str, list[dict]]:
     """Tokenised train and validation examples (the test split is left to the evaluation)."""
-    splits = split_records(load_task_records(cfg, log), seed=cfg.seed, fold=cfg.fold, num_folds=cfg.num_folds)
+    splits = split_records(load_task_records(cfg, log), seed=cfg.split_seed, fold=cfg.fold, num_folds=cfg.num_folds)
     if cfg.max_eval_records_per_task is not None:
         splits["validation"] = first_per_task(splits["validation"], cfg.max_eval_records_per_task)
     out = {}
