@@ -22,6 +22,8 @@ setup(
                   "accelerate>=0.34", "gguf>=0.10", "sentencepiece>=0.2"],
         "eval": ["sacrebleu>=2.3", "rouge-score>=0.1.2", "nltk>=3.8", "scipy>=1.10", "matplotlib>=3.7",
                  "scikit-learn>=1.3", "tqdm>=4.60"],
+        # the study's retention measure: gensim ships a Wikipedia sample as test data
+        "study": ["hycam[train,eval]", "gensim>=4.3"],
         "dev": ["hycam[train,eval]", "pytest>=7"],
     },
     entry_points={"console_scripts": ["hycam-eval=hycam.evaluation.evaluate:main"]},

@@ -1,15 +1,24 @@
-"""Reproduce the paper's comparison on SmolLM2-135M-Instruct on this 2-core CPU, end to end, resumable.
+"""A paired study of HyCAM and the paper's baselines on SmolLM2-135M-Instruct on this 2-core CPU, resumable.
 
-    python scripts/reproduce.py           # the study: 9 methods x 3 seeds + LR sweep (~105 min, idle CPU)
-    python scripts/reproduce.py --quick   # smoke check (<10 min idle): all 9 methods, 2 steps, 1 seed
+    python scripts/reproduce.py           # the study (~2.5 h on the idle machine: --plan prints the estimate)
+    python scripts/reproduce.py --quick   # smoke check of every unit (<10 min idle), 2 steps, 1 seed
     python scripts/reproduce.py --plan    # what is done, what is left, an estimate; runs nothing
 
-Every unit (a training run, an evaluation, a figure) lands atomically in --study_dir, so a rerun skips
-finished units and continues an interrupted `main.py` run from its resume/ state. Units run one at a
-time as subprocesses with OMP_NUM_THREADS=2. Each method family's learning rate is the grid point with
-the lowest validation loss at the first seed; that sweep run is also the family's first-seed run.
-The report (docs/RESULTS.md, figures in docs/figures/; written by scripts/reproduce_report.py) is
-rewritten below its marker line from the results; a smoke run never replaces a full study's report.
+Paired design: every method and seed trains on the same split and the same data order (main.py
+--data_seed), so all evaluations score the same test records and seeds vary only the adapter
+initialisation and the routing noise; methods are compared record by record (hycam.evaluation.paired).
+Each method family's LR is the lowest validation loss of a grid at the first seed, extended by one
+point at whichever edge wins (up to `lr_extensions` times), so that the chosen LR is inside the grid;
+that sweep run is also the family's first-seed run. Each run is scored on the test split (PPL, BLEU-4,
+ROUGE-L) and on general English text outside the tasks (knowledge retention, hycam.evaluation.retention).
+
+Every unit (a training run, an evaluation, a retention score, a figure) lands atomically in --study_dir,
+so a rerun skips finished units and continues an interrupted `main.py` run from its resume/ state. Units
+run one at a time as subprocesses with OMP_NUM_THREADS=2. The study runs from one commit: it records
+`git rev-parse HEAD` and refuses a dirty tree or another commit than it started from (--allow_dirty).
+Start it from a worktree of a fixed commit (`git worktree add ../study HEAD`), so that edits made
+meanwhile do not change it midway. The report (docs/RESULTS.md, figures in docs/figures/; written by
+scripts/reproduce_report.py) is rewritten below its marker line; a smoke run never replaces a study's.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "scripts")]
+from reproduce_plan import plan  # noqa: E402
 from reproduce_report import ABLATIONS, MAIN, atomic_write, publish  # noqa: E402
 
 from hycam.evaluation import plots  # noqa: E402  (the repo root and scripts/ go on sys.path first)
@@ -45,28 +55,33 @@ class Settings:
 
     model: str = "smollm2-135m-instruct"
     data: str = "../shared/data"  # relative to the repo, where every command runs
-    methods: list[str] = field(default_factory=lambda: [*MAIN, *ABLATIONS])
-    seeds: list[int] = field(default_factory=lambda: [2333, 100, 200])
+    methods: list[str] = field(default_factory=lambda: ["full", "lora", "multilora", "hycam"])
+    seeds: list[int] = field(default_factory=lambda: [2333, 100])  # init and routing noise (main.py --seed)
+    data_seed: int = 2333  # the split and data order of every run (main.py --data_seed)
     lr_grid: dict[str, list[float]] = field(default_factory=lambda: {
-        "hycam": [1e-3, 3e-3], "lora": [1e-3, 3e-3], "multilora": [1e-3, 3e-3], "riemoe": [1e-3, 3e-3],
-        "full": [3e-5, 1e-4]})
+        "hycam": [1e-3, 3e-3, 1e-2], "lora": [3e-4, 1e-3, 3e-3], "multilora": [1e-3, 3e-3, 1e-2],
+        "riemoe": [1e-3, 3e-3, 1e-2], "full": [3e-5, 1e-4, 3e-4]})
+    lr_extensions: int = 2  # grid points a family may add beyond the edge its best validation loss is at
     max_length: int = 256  # token budget per run: steps x micro_batch_size x grad_accum x max_length
     micro_batch_size: int = 2
     grad_accum: int = 1
-    steps: int = 30
-    eval_interval: int = 15  # validation (and best/ checkpoint) at mid-run and at the end
-    val_records: int = 4  # validation records per task behind the validation loss (and the LR choice)
-    test_records: int = 4  # test records per task scored by hycam.evaluation.evaluate (--limit)
+    steps: int = 60
+    eval_interval: int = 12  # validation (and best/ checkpoint) 5 times, the last at the end
+    val_records: int = 8  # validation records per task behind the validation loss (and the LR choice)
+    test_records: int = 100  # test records per task scored for PPL (icliniq's test split holds fewer)
+    generate_records: int = 20  # of those, generated per task for BLEU-4 and ROUGE-L
     max_new_tokens: int = 48
     eval_batch_size: int = 8
+    retention_passages: int = 100  # general-text passages (gensim's Wikipedia sample has 99 that qualify)
+    retention_tokens: int = 128  # tokens scored per passage
     max_records_per_task: int | None = None
     quick: bool = False
 
 
-QUICK = Settings(seeds=[2333], lr_grid={"hycam": [1e-3, 3e-3], "lora": [3e-3], "multilora": [3e-3], "riemoe": [3e-3],
-                                        "full": [1e-4]},
-                 steps=2, eval_interval=2, val_records=2, test_records=2, max_new_tokens=8, max_records_per_task=200,
-                 quick=True)
+QUICK = Settings(methods=[*MAIN, *ABLATIONS], seeds=[2333],
+                 lr_grid={"hycam": [1e-3, 3e-3], "lora": [3e-3], "multilora": [3e-3], "riemoe": [3e-3], "full": [1e-4]},
+                 lr_extensions=1, steps=2, eval_interval=1, val_records=2, test_records=3, generate_records=2,
+                 max_new_tokens=8, retention_passages=8, retention_tokens=64, max_records_per_task=200, quick=True)
 
 
 def family(method: str) -> str:
@@ -149,7 +164,8 @@ class Study:
     def train_argv(self, run: Run) -> list[str]:
         s = self.settings
         argv = [sys.executable, "main.py", "--model", self.base_model(), "--data", s.data, "--method", run.method,
-                "--seed", str(run.seed), "--lr", f"{run.lr:g}", "--output_dir", str(self.run_dir(run)),
+                "--seed", str(run.seed), "--data_seed", str(s.data_seed), "--lr", f"{run.lr:g}",
+                "--output_dir", str(self.run_dir(run)),
                 "--max_steps", str(s.steps), "--eval_interval", str(s.eval_interval), "--max_length", str(s.max_length),
                 "--micro_batch_size", str(s.micro_batch_size), "--grad_accum", str(s.grad_accum),
                 "--max_eval_records_per_task", str(s.val_records), "--patience", "0", "--warmup_ratio", "0.1",
@@ -180,51 +196,100 @@ class Study:
         shutil.rmtree(out / "resume", ignore_errors=True)  # finished: the optimizer state only costs disk
         return True
 
-    def evaluate(self, run: Run) -> bool:
-        """hycam.evaluation.evaluate on the test split, written to a temporary dir renamed into place when complete."""
-        final = self.eval_dir(run)
-        if (final / "results.json").is_file():
+    def atomic_unit(self, final: Path, argv_for: Callable[[Path], list[str]], name: str, kind: str) -> bool:
+        """Runs a unit that writes `tmp` (a file or dir beside `final`), renamed to `final` once complete."""
+        if final.exists():
             return True
         tmp = final.with_name(f".{final.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        s = self.settings
-        argv = [sys.executable, "-m", "hycam.evaluation.evaluate", "--checkpoint", str(self.run_dir(run) / "best"),
-                "--split", "test", "--limit", str(s.test_records), "--max-new-tokens", str(s.max_new_tokens),
-                "--batch-size", str(s.eval_batch_size), "--label", run.method, "--no-progress",
-                "--output-dir", str(tmp)]
-        if not self.execute(argv, run.name, "eval"):
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if not self.execute(argv_for(tmp), name, kind):
             return False
         tmp.rename(final)
         return True
 
+    def evaluate(self, run: Run) -> bool:
+        """hycam.evaluation.evaluate on the test split: PPL on `test_records` per task, generation on the
+        first `generate_records` of them."""
+        s = self.settings
+        return self.atomic_unit(self.eval_dir(run), lambda tmp: [
+            sys.executable, "-m", "hycam.evaluation.evaluate", "--checkpoint", str(self.run_dir(run) / "best"),
+            "--split", "test", "--limit", str(s.test_records), "--generate-limit", str(s.generate_records),
+            "--max-new-tokens", str(s.max_new_tokens), "--batch-size", str(s.eval_batch_size), "--label",
+            run.method, "--no-progress", "--output-dir", str(tmp)], run.name, "eval")
+
+    def general_texts(self) -> Path | None:
+        """STUDY/general_text.jsonl: the retention passages, written once (so every score reads the same)."""
+        final = self.root / "general_text.jsonl"
+        done = self.atomic_unit(final, lambda tmp: [
+            sys.executable, "-m", "hycam.evaluation.retention", "texts", "--count",
+            str(self.settings.retention_passages), "--out", str(tmp)], "general_text", "texts")
+        return final if done else None
+
+    def retention_file(self, run: Run | None) -> Path:
+        return self.root / "retention" / f"{'base' if run is None else run.name}.json"
+
+    def retention(self, run: Run | None) -> bool:
+        """NLL on the general text of a trained run's best/ checkpoint, or of the base model (run None)."""
+        texts = self.general_texts()
+        if texts is None:
+            return False
+        model = ["--base-model", self.base_model()] if run is None else [
+            "--checkpoint", str(self.run_dir(run) / "best"), "--label", run.method]
+        return self.atomic_unit(self.retention_file(run), lambda tmp: [
+            sys.executable, "-m", "hycam.evaluation.retention", "score", "--texts", str(texts), *model,
+            "--max-length", str(self.settings.retention_tokens), "--batch-size", str(self.settings.eval_batch_size),
+            "--out", str(tmp)], "base" if run is None else run.name, "retention")
+
+    def sweep_loss(self, run: Run) -> float | None:
+        """Best validation loss of a run (None: not finished; inf: diverged)."""
+        state = self.status(run)
+        if state == "done":
+            return json.loads((self.run_dir(run) / "summary.json").read_text())["best"]
+        return math.inf if state == "diverged" else None
+
+    def grid(self, name: str) -> list[float]:
+        """The family's LRs: its listed grid, extended by one point past whichever edge has the lowest
+        validation loss, once per finished round, at most `lr_extensions` times."""
+        lrs, first = sorted(self.settings.lr_grid[name]), self.sweep_method(name)
+        for _ in range(self.settings.lr_extensions if len(lrs) > 1 else 0):
+            losses = [self.sweep_loss(Run(first, lr, self.settings.seeds[0])) for lr in lrs]
+            if None in losses or min(losses) == math.inf:
+                break
+            best = losses.index(min(losses))
+            if best == 0:
+                lrs.insert(0, float(f"{lrs[0] * lrs[0] / lrs[1]:.3g}"))
+            elif best == len(lrs) - 1:
+                lrs.append(float(f"{lrs[-1] * lrs[-1] / lrs[-2]:.3g}"))
+            else:
+                break
+        return lrs
+
+    def sweep_method(self, name: str) -> str:
+        return next(m for m in FAMILIES[name] if m in self.settings.methods)
+
     def sweep_runs(self) -> dict[str, list[Run]]:
-        """Per family present: its first listed method at each grid LR, at the first seed."""
-        runs = {}
-        for name, members in FAMILIES.items():
-            present = [m for m in members if m in self.settings.methods]
-            if present:
-                runs[name] = [Run(present[0], lr, self.settings.seeds[0]) for lr in self.settings.lr_grid[name]]
-        return runs
+        """Per family present: its first listed method at each LR of its grid, at the first seed."""
+        names = [n for n, members in FAMILIES.items() if any(m in self.settings.methods for m in members)]
+        return {n: [Run(self.sweep_method(n), lr, self.settings.seeds[0]) for lr in self.grid(n)] for n in names}
 
     def sweep_losses(self) -> dict[str, dict[float, float | None]]:
-        """Best validation loss of every sweep run (None: not finished; inf: diverged)."""
-        losses: dict[str, dict[float, float | None]] = {}
-        for name, runs in self.sweep_runs().items():
-            losses[name] = {}
-            for run in runs:
-                file = self.run_dir(run) / "summary.json"
-                state = self.status(run)
-                losses[name][run.lr] = (json.loads(file.read_text())["best"] if state == "done"
-                                        else math.inf if state == "diverged" else None)
-        return losses
+        return {name: {run.lr: self.sweep_loss(run) for run in runs} for name, runs in self.sweep_runs().items()}
 
     def chosen_lrs(self) -> dict[str, float]:
-        """The LR of the lowest validation loss per family whose sweep finished (not all diverged)."""
+        """The LR of the lowest validation loss per family whose grid is final (every point finished, the
+        best inside it or no extension left) and not all diverged."""
         chosen = {}
         for name, losses in self.sweep_losses().items():
             if all(value is not None for value in losses.values()) and min(losses.values()) < math.inf:
                 chosen[name] = min(losses, key=losses.get)
         return chosen
+
+    def at_edge(self) -> dict[str, bool]:
+        """Per family with a chosen LR: whether it is still at an edge of its (extended) grid."""
+        grids = {name: [run.lr for run in runs] for name, runs in self.sweep_runs().items()}
+        return {name: len(grids[name]) > 1 and lr in (grids[name][0], grids[name][-1])
+                for name, lr in self.chosen_lrs().items()}
 
     def main_runs(self) -> list[Run]:
         """Seed-major order, so that a study stopped early has every method at the first seeds."""
@@ -233,13 +298,13 @@ class Study:
                 if family(m) in lrs]
 
     def expert_figure(self, figures: Path) -> None:
-        """Expert utilisation of HyCAM at the first seed, on the test records the evaluation scored."""
+        """Expert routing of HyCAM at the first seed, on the generated test records."""
         runs = [r for r in self.main_runs() if r.method == "hycam" and r.seed == self.settings.seeds[0]]
         if not runs or (figures / "experts.json").is_file() or self.status(runs[0]) != "done":
             return
         tmp = figures / ".experts.tmp.png"
         argv = [sys.executable, "scripts/plot.py", "experts", "--checkpoint", str(self.run_dir(runs[0]) / "best"),
-                "--limit", str(self.settings.test_records), "--batch-size", str(self.settings.eval_batch_size),
+                "--limit", str(self.settings.generate_records), "--batch-size", str(self.settings.eval_batch_size),
                 "--out", str(tmp)]
         if self.execute(argv, "hycam", "experts"):
             tmp.rename(figures / "experts.png")
@@ -250,17 +315,24 @@ class Study:
         done = [r for r in self.main_runs() if self.status(r) == "done"]
         for name, group in (("loss.png", MAIN), ("loss_ablations.png", ("hycam", *ABLATIONS))):
             dirs = [self.run_dir(r) for r in done if r.method in group]
-            if dirs:
+            if dirs and any(r.method != "hycam" for r in done if r.method in group):
                 plots.plot_loss_curves(dirs, figures / name, band="minmax")
+
+    def sweep(self) -> None:
+        """Trains the sweep runs round by round: a finished round may extend a grid by a point."""
+        while True:
+            todo = [r for runs in self.sweep_runs().values() for r in runs if self.sweep_loss(r) is None]
+            if not todo or not any([self.train(run) for run in todo]):
+                return
 
     def run_all(self) -> None:
         self.check_settings()
-        for runs in self.sweep_runs().values():
-            for run in runs:
-                self.train(run)
+        self.sweep()
+        self.retention(None)
         for run in self.main_runs():
             if self.train(run):
                 self.evaluate(run)
+                self.retention(run)
         figures = self.root / "figures"
         figures.mkdir(parents=True, exist_ok=True)
         self.expert_figure(figures)
@@ -305,61 +377,39 @@ def subprocess_runner(argv: list[str], log: Path, threads: int = 2) -> int:
         return subprocess.run(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
 
 
-# ---- planning ------------------------------------------------------------------------------------
-
-STEP_SECONDS = {"full": 3.2, "multilora": 4.5, "riemoe": 8.0}
-"""Seconds per optimizer step of 2 x 256 token slots on the idle 2-core machine (other methods: 2.7),
-measured with OMP_NUM_THREADS=2 (HyCAM, RieMoE) or scaled from 1-thread timings (the others)."""
-START_SECONDS = {"train": 10.0, "eval": 8.0}
-"""Process start: imports, the de-quantised model and tokenizer, tokenising the records."""
-FORWARD_SECONDS, PREFILL_SECONDS, DECODE_SECONDS = 0.4, 5.0, 0.12
-"""A no-grad forward of one record; a generation batch's prompt pass; one decoding step of a batch
-(an idle hycam.evaluation.evaluate of 20 records x 48 new tokens took 53 s; RieMoE's dense experts 81 s)."""
+def git_state(repo: Path = REPO) -> tuple[str, bool]:
+    """(HEAD's commit, whether tracked files differ from it) of the checkout the study runs from."""
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    changes = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                             capture_output=True, text=True).stdout.strip()
+    return head or "unknown", bool(changes)
 
 
-def estimate(study: Study, run: Run, kind: str) -> float:
-    """Seconds a unit takes on an idle machine (the constants above; RieMoE's dense experts ~1.7x)."""
-    s = study.settings
-    if kind == "eval":
-        records = 5 * s.test_records
-        batches = math.ceil(records / s.eval_batch_size)
-        work = records * FORWARD_SECONDS + batches * (PREFILL_SECONDS + s.max_new_tokens * DECODE_SECONDS)
-        return START_SECONDS["eval"] + work * (1.7 if run.method == "riemoe" else 1.0)
-    slots = s.micro_batch_size * s.grad_accum * s.max_length / 512
-    validations = math.ceil(s.steps / s.eval_interval)
-    return (START_SECONDS["train"] + s.steps * slots * STEP_SECONDS.get(run.method, 2.7)
-            + validations * 5 * s.val_records * FORWARD_SECONDS * (1.7 if run.method == "riemoe" else 1.0))
-
-
-def plan(study: Study) -> str:
-    """Each unit with its state, and the time left; until the sweep ends, its LRs are unknown ('lr?')."""
-    lines, left, chosen = [], 0.0, study.chosen_lrs()
-    first = {runs[0].method for runs in study.sweep_runs().values()}
-    for runs in study.sweep_runs().values():
-        for run in runs:
-            state = study.status(run)
-            lines.append(f"sweep {run.name:32} {state}")
-            left += 0 if state == "done" else estimate(study, run, "train")
-    for seed in study.settings.seeds:
-        for method in study.settings.methods:
-            lr = chosen.get(family(method))
-            run = Run(method, math.nan if lr is None else lr, seed)
-            shared = lr is None and seed == study.settings.seeds[0] and method in first
-            state = study.status(run) if lr else "= its chosen sweep run" if shared else "after the sweep"
-            evaluated = (study.eval_dir(run) / "results.json").is_file()
-            name = run.name if lr else f"{method}_lr?_s{seed}"
-            lines.append(f"train {name:32} {state}; eval {'done' if evaluated else 'todo'}")
-            left += (0 if shared or state == "done" else estimate(study, run, "train"))
-            left += 0 if evaluated else estimate(study, run, "eval")
-    lines.append(f"estimated time left on an idle 2-core machine: {left / 60:.0f} min (+ ~1 min for the figures)")
-    return "\n".join(lines)
+def check_commit(root: Path, allow_dirty: bool, quick: bool, repo: Path = REPO) -> None:
+    """Records the commit in STUDY/provenance.json; a dirty tree, or another commit than the one the study
+    started from, stops a study (a smoke run only warns), unless `allow_dirty`."""
+    head, dirty = git_state(repo)
+    file = root / "provenance.json"
+    started = json.loads(file.read_text())["commit"] if file.is_file() else head
+    problem = ("the checkout has uncommitted changes" if dirty else
+               f"the study started at commit {started}, the checkout is at {head}" if started != head else None)
+    if problem and not (allow_dirty or quick):
+        raise SystemExit(f"reproduce: {problem}; run the study from a worktree of one commit "
+                         "(git worktree add ../study HEAD), or pass --allow_dirty")
+    if problem:
+        print(f"[reproduce] warning: {problem}", file=sys.stderr)
+    if not file.is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        atomic_write(file, json.dumps({"commit": head, "dirty": dirty}, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke check: all 9 methods, 2 steps, 1 seed, "
-                        "a 2-LR sweep for HyCAM only, 200 records per task, 2 test records per task")
+                        "a 2-LR sweep for HyCAM only, 200 records per task, 3 test records per task")
+    parser.add_argument("--allow_dirty", action="store_true", help="run from a checkout with uncommitted "
+                        "changes, or at another commit than the study started from (recorded in the report)")
     parser.add_argument("--plan", action="store_true", help="print the units, their state and the time left")
     parser.add_argument("--report_only", action="store_true", help="rewrite the report from the finished units")
     parser.add_argument("--study_dir", type=Path, default=None,
@@ -376,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         print(plan(study))
         return 0
     if not args.report_only:
+        check_commit(study.root, args.allow_dirty, args.quick)
         study.run_all()
     publish(study, args.results)
     if study.failures:
