@@ -26,11 +26,8 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
-import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -39,13 +36,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "scripts")]
+from reproduce_env import check_commit, save_dequantised, subprocess_runner  # noqa: E402
 from reproduce_plan import plan  # noqa: E402
 from reproduce_report import ABLATIONS, MAIN, atomic_write, publish  # noqa: E402
+from reproduce_sweep import Run, Sweep, family  # noqa: E402
 
 from hycam.evaluation import plots  # noqa: E402  (the repo root and scripts/ go on sys.path first)
 
-FAMILIES = {"hycam": ("hycam", *ABLATIONS), "lora": ("lora",), "multilora": ("multilora",),
-            "riemoe": ("riemoe",), "full": ("full",)}
 Runner = Callable[[list[str], Path], int]  # (argv, log file) -> exit code
 
 
@@ -84,22 +81,7 @@ QUICK = Settings(methods=[*MAIN, *ABLATIONS], seeds=[2333],
                  max_new_tokens=8, retention_passages=8, retention_tokens=64, max_records_per_task=200, quick=True)
 
 
-def family(method: str) -> str:
-    return next(name for name, members in FAMILIES.items() if method in members)
-
-
-@dataclass(frozen=True)
-class Run:
-    method: str
-    lr: float
-    seed: int
-
-    @property
-    def name(self) -> str:
-        return f"{self.method}_lr{self.lr:g}_s{self.seed}"
-
-
-class Study:
+class Study(Sweep):
     """The study directory: runs/, eval/, figures/, logs/, settings.json, commands.sh, timings.jsonl."""
 
     def __init__(self, root: Path, settings: Settings, runner: Runner | None = None, threads: int = 2) -> None:
@@ -241,56 +223,6 @@ class Study:
             "--max-length", str(self.settings.retention_tokens), "--batch-size", str(self.settings.eval_batch_size),
             "--out", str(tmp)], "base" if run is None else run.name, "retention")
 
-    def sweep_loss(self, run: Run) -> float | None:
-        """Best validation loss of a run (None: not finished; inf: diverged)."""
-        state = self.status(run)
-        if state == "done":
-            return json.loads((self.run_dir(run) / "summary.json").read_text())["best"]
-        return math.inf if state == "diverged" else None
-
-    def grid(self, name: str) -> list[float]:
-        """The family's LRs: its listed grid, extended by one point past whichever edge has the lowest
-        validation loss, once per finished round, at most `lr_extensions` times."""
-        lrs, first = sorted(self.settings.lr_grid[name]), self.sweep_method(name)
-        for _ in range(self.settings.lr_extensions if len(lrs) > 1 else 0):
-            losses = [self.sweep_loss(Run(first, lr, self.settings.seeds[0])) for lr in lrs]
-            if None in losses or min(losses) == math.inf:
-                break
-            best = losses.index(min(losses))
-            if best == 0:
-                lrs.insert(0, float(f"{lrs[0] * lrs[0] / lrs[1]:.3g}"))
-            elif best == len(lrs) - 1:
-                lrs.append(float(f"{lrs[-1] * lrs[-1] / lrs[-2]:.3g}"))
-            else:
-                break
-        return lrs
-
-    def sweep_method(self, name: str) -> str:
-        return next(m for m in FAMILIES[name] if m in self.settings.methods)
-
-    def sweep_runs(self) -> dict[str, list[Run]]:
-        """Per family present: its first listed method at each LR of its grid, at the first seed."""
-        names = [n for n, members in FAMILIES.items() if any(m in self.settings.methods for m in members)]
-        return {n: [Run(self.sweep_method(n), lr, self.settings.seeds[0]) for lr in self.grid(n)] for n in names}
-
-    def sweep_losses(self) -> dict[str, dict[float, float | None]]:
-        return {name: {run.lr: self.sweep_loss(run) for run in runs} for name, runs in self.sweep_runs().items()}
-
-    def chosen_lrs(self) -> dict[str, float]:
-        """The LR of the lowest validation loss per family whose grid is final (every point finished, the
-        best inside it or no extension left) and not all diverged."""
-        chosen = {}
-        for name, losses in self.sweep_losses().items():
-            if all(value is not None for value in losses.values()) and min(losses.values()) < math.inf:
-                chosen[name] = min(losses, key=losses.get)
-        return chosen
-
-    def at_edge(self) -> dict[str, bool]:
-        """Per family with a chosen LR: whether it is still at an edge of its (extended) grid."""
-        grids = {name: [run.lr for run in runs] for name, runs in self.sweep_runs().items()}
-        return {name: len(grids[name]) > 1 and lr in (grids[name][0], grids[name][-1])
-                for name, lr in self.chosen_lrs().items()}
-
     def main_runs(self) -> list[Run]:
         """Seed-major order, so that a study stopped early has every method at the first seeds."""
         lrs = self.chosen_lrs()
@@ -318,13 +250,6 @@ class Study:
             if dirs and any(r.method != "hycam" for r in done if r.method in group):
                 plots.plot_loss_curves(dirs, figures / name, band="minmax")
 
-    def sweep(self) -> None:
-        """Trains the sweep runs round by round: a finished round may extend a grid by a point."""
-        while True:
-            todo = [r for runs in self.sweep_runs().values() for r in runs if self.sweep_loss(r) is None]
-            if not todo or not any([self.train(run) for run in todo]):
-                return
-
     def run_all(self) -> None:
         self.check_settings()
         self.sweep()
@@ -337,70 +262,6 @@ class Study:
         figures.mkdir(parents=True, exist_ok=True)
         self.expert_figure(figures)
         self.loss_figures(figures)
-
-
-def save_dequantised(model: str, target: Path) -> None:
-    """The model's fp32 weights and tokenizer as a plain checkpoint, checked to give the same prompt ids
-    and logits as the original before it is moved into place."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from hycam.data import Record, prompt_ids
-    from hycam.data.models import load_model, load_tokenizer
-
-    tokenizer, original = load_tokenizer(model), load_model(model).eval()
-    config = original.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # the weights are fp32 now; transformers refuses to save "quantized" ones
-    plain = AutoModelForCausalLM.from_config(config)
-    plain.load_state_dict(original.state_dict())
-    plain.generation_config = original.generation_config
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    plain.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    probe = Record("probe", "Name three prime numbers.", "", "2, 3 and 5.")
-    ids = prompt_ids(probe, tokenizer, "auto")
-    with torch.no_grad():
-        same = (prompt_ids(probe, load_tokenizer(str(tmp)), "auto") == ids and torch.equal(
-            original(torch.tensor([ids])).logits, load_model(str(tmp)).eval()(torch.tensor([ids])).logits))
-    if not same:
-        raise SystemExit(f"reproduce: the de-quantised copy of {model} in {tmp} differs from the original")
-    tmp.rename(target)
-
-
-def subprocess_runner(argv: list[str], log: Path, threads: int = 2) -> int:
-    # PYTHONPATH: every unit runs this checkout's hycam, whether or not (or wherever) it is installed.
-    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": path}
-    with log.open("w") as out:
-        return subprocess.run(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
-
-
-def git_state(repo: Path = REPO) -> tuple[str, bool]:
-    """(HEAD's commit, whether tracked files differ from it) of the checkout the study runs from."""
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
-    changes = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-                             capture_output=True, text=True).stdout.strip()
-    return head or "unknown", bool(changes)
-
-
-def check_commit(root: Path, allow_dirty: bool, quick: bool, repo: Path = REPO) -> None:
-    """Records the commit in STUDY/provenance.json; a dirty tree, or another commit than the one the study
-    started from, stops a study (a smoke run only warns), unless `allow_dirty`."""
-    head, dirty = git_state(repo)
-    file = root / "provenance.json"
-    started = json.loads(file.read_text())["commit"] if file.is_file() else head
-    problem = ("the checkout has uncommitted changes" if dirty else
-               f"the study started at commit {started}, the checkout is at {head}" if started != head else None)
-    if problem and not (allow_dirty or quick):
-        raise SystemExit(f"reproduce: {problem}; run the study from a worktree of one commit "
-                         "(git worktree add ../study HEAD), or pass --allow_dirty")
-    if problem:
-        print(f"[reproduce] warning: {problem}", file=sys.stderr)
-    if not file.is_file():
-        root.mkdir(parents=True, exist_ok=True)
-        atomic_write(file, json.dumps({"commit": head, "dirty": dirty}, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

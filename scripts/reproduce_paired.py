@@ -63,7 +63,7 @@ def _ci(result: dict, percent: bool) -> str:
 
 def comparisons(study: Study) -> dict[str, dict]:
     """Per method other than HyCAM: HyCAM against it, PPL (relative) overall and per task, retention NLL."""
-    scores, (kept, base) = test_scores(study), retention_scores(study)
+    scores, (kept, _) = test_scores(study), retention_scores(study)
     if "hycam" not in scores:
         return {}
     out = {}

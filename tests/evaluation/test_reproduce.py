@@ -257,3 +257,16 @@ def test_a_study_refuses_a_dirty_tree_and_another_commit(tmp_path):
         reproduce.check_commit(study, allow_dirty=False, quick=False, repo=repo)
     reproduce.check_commit(study, allow_dirty=True, quick=False, repo=repo)  # allowed, and the record stays
     assert json.loads((study / "provenance.json").read_text())["commit"] == head
+
+
+def test_a_pending_preamble_is_replaced_by_a_full_studys_report_only(done, tmp_path):
+    study, _ = done
+    results = tmp_path / "RESULTS.md"
+    old = "# Old design\n\n" + report.PENDING + "\n\n" + report.MARKER + "\n\nSmoke run: old numbers\n"
+    results.write_text(old)
+    report.publish(reproduce.Study(study.root, replace(study.settings, quick=True)), results)
+    assert results.read_text().startswith("# Old design\n\n" + report.PENDING)
+    report.publish(study, results)
+    text = results.read_text()
+    assert text.startswith((REPO / "scripts" / "results_preamble.md").read_text().rstrip() + "\n\n" + report.MARKER)
+    assert report.PENDING not in text and "| HyCAM vs |" in text
