@@ -77,8 +77,8 @@ class Settings:
 
 QUICK = Settings(methods=[*MAIN, *ABLATIONS], seeds=[2333],
                  lr_grid={"hycam": [1e-3, 3e-3], "lora": [3e-3], "multilora": [3e-3], "riemoe": [3e-3], "full": [1e-4]},
-                 lr_extensions=1, steps=2, eval_interval=1, val_records=2, test_records=3, generate_records=2,
-                 max_new_tokens=8, retention_passages=8, retention_tokens=64, max_records_per_task=200, quick=True)
+                 lr_extensions=1, steps=2, eval_interval=2, val_records=2, test_records=3, generate_records=1,
+                 max_new_tokens=8, retention_passages=4, retention_tokens=64, max_records_per_task=200, quick=True)
 
 
 class Study(Sweep):
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke check: all 9 methods, 2 steps, 1 seed, "
-                        "a 2-LR sweep for HyCAM only, 200 records per task, 3 test records per task")
+                        "a 2-LR sweep (+1 extension) for HyCAM only, 200 records per task, 3 test records per task")
     parser.add_argument("--allow_dirty", action="store_true", help="run from a checkout with uncommitted "
                         "changes, or at another commit than the study started from (recorded in the report)")
     parser.add_argument("--plan", action="store_true", help="print the units, their state and the time left")

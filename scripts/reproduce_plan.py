@@ -74,3 +74,17 @@ def plan(study: Study) -> str:
     lines.append(f"estimated time left on an idle 2-core machine: {left / 60:.0f} min "
                  "(without grid extensions not yet known)")
     return "\n".join(lines)
+
+
+def planned_minutes(study: Study) -> float:
+    """The whole study's estimate from scratch, with the grids as they stand (extensions made so far)."""
+    from reproduce import Run
+
+    s = study.settings
+    sweep = [run for runs in study.sweep_runs().values() for run in runs]
+    later = [Run(m, 0.0, seed) for seed in s.seeds[1:] for m in s.methods]
+    later += [Run(m, 0.0, s.seeds[0]) for m in s.methods if m not in {run.method for run in sweep}]
+    evaluated = [Run(m, 0.0, seed) for seed in s.seeds for m in s.methods]
+    seconds = sum(estimate(study, run, "train") for run in sweep + later)
+    seconds += sum(estimate(study, run, "eval") + estimate(study, run, "retention") for run in evaluated)
+    return (seconds + estimate(study, None, "retention") + estimate(study, None, "experts") + 30) / 60

@@ -20,6 +20,7 @@ from PIL import Image  # Pillow comes with matplotlib
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "scripts")]
 from hycam.evaluation import tables  # noqa: E402  (the repo root goes on sys.path first)
+from reproduce_plan import planned_minutes  # noqa: E402
 from reproduce_paired import flattening_section, paired_claims, paired_section, retention_cells, with_column  # noqa: E402
 
 if TYPE_CHECKING:
@@ -197,6 +198,8 @@ def setup_section(study: Study) -> str:
         "passages of general English text, the first prose paragraphs of the articles of gensim's Wikipedia "
         "sample (gensim 4.x test data, from PyPI; Wikipedia text, CC BY-SA), before and after training.",
         f"- Seeds: {', '.join(map(str, s.seeds))}. Methods: {', '.join(NAMES[m] for m in s.methods)}.",
+        f"- Planned time on the idle 2-core machine: about {planned_minutes(study):.0f} min from measured unit "
+        "times (scripts/reproduce_plan.py; the LR grids as extended); the time taken is in the Time section.",
         "- Paper defaults otherwise: rank 64, N_s = 5, tau = 0.5, lambda_balance = 0.1, LoRA alpha 32."])
 
 
