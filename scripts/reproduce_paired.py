@@ -122,7 +122,8 @@ def paired_section(study: Study, names: dict[str, str]) -> str:
     records = next(iter(found.values()))["ppl"]["records"]
     text += ["", f"Per task: estimate ± detectable difference. {records} test records in all. The smallest relative "
              f"difference of averaged PPL this design detects at p < 0.05 is about {detectable:.2%} (median over "
-             f"the comparisons); the paper's claimed average gain is {PAPER_GAIN:.2%}."]
+             f"the comparisons); the paper's claimed average gain is {PAPER_GAIN:.2%}. Every run trains on one split "
+             f"(data seed {study.settings.data_seed}): the split's own variance is not in these intervals."]
     text += ["", "### Knowledge retention (general English text outside the tasks)", "",
              "Change of the token-level NLL (nats/token) on the Wikipedia passages after training, against the "
              "base model (positive: forgetting), paired over passages, 95% CI over passages and seeds; and "
