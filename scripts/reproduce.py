@@ -286,7 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.plan:
         print(plan(study))
         return 0
-    if not args.report_only:
+    if args.report_only:
+        study.check_settings()  # a report under other settings than the study's would mislabel it
+    else:
         check_commit(study.root, args.allow_dirty, args.quick)
         study.run_all()
     publish(study, args.results)

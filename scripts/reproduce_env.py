@@ -63,17 +63,17 @@ def git_state(repo: Path = REPO) -> tuple[str, bool]:
 
 def check_commit(root: Path, allow_dirty: bool, quick: bool, repo: Path = REPO) -> None:
     """Records the commit in STUDY/provenance.json; a dirty tree, or another commit than the one the study
-    started from, stops a study (a smoke run only warns), unless `allow_dirty`."""
+    started from, stops a study (a smoke run only warns), unless `allow_dirty`, which the record keeps."""
     head, dirty = git_state(repo)
     file = root / "provenance.json"
-    started = json.loads(file.read_text())["commit"] if file.is_file() else head
-    problem = ("the checkout has uncommitted changes" if dirty else
-               f"the study started at commit {started}, the checkout is at {head}" if started != head else None)
+    record = json.loads(file.read_text()) if file.is_file() else {"commit": head, "dirty": False}
+    problem = ("the checkout has uncommitted changes" if dirty else f"the study started at commit "
+               f"{record['commit']}, the checkout is at {head}" if record["commit"] != head else None)
     if problem and not (allow_dirty or quick):
         raise SystemExit(f"reproduce: {problem}; run the study from a worktree of one commit "
                          "(git worktree add ../study HEAD), or pass --allow_dirty")
     if problem:
         print(f"[reproduce] warning: {problem}", file=sys.stderr)
-    if not file.is_file():
+    if not file.is_file() or (problem and not record["dirty"]):
         root.mkdir(parents=True, exist_ok=True)
-        atomic_write(file, json.dumps({"commit": head, "dirty": dirty}, indent=2) + "\n")
+        atomic_write(file, json.dumps({**record, "dirty": bool(problem)}, indent=2) + "\n")

@@ -165,7 +165,8 @@ def provenance(study: Study) -> str:
     if not file.is_file():
         return "not recorded"
     info = json.loads(file.read_text())
-    return f"`{info['commit']}`" + (" (with uncommitted changes: --allow_dirty)" if info.get("dirty") else "")
+    return f"`{info['commit']}`" + (" (some units ran from uncommitted changes or another commit: --allow_dirty "
+                                    "or --quick)" if info.get("dirty") else "")
 
 
 def setup_section(study: Study) -> str:

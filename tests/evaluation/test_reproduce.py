@@ -255,8 +255,8 @@ def test_a_study_refuses_a_dirty_tree_and_another_commit(tmp_path):
     subprocess.run(git + ["commit", "-qam", "two"], check=True)
     with pytest.raises(SystemExit, match=f"started at commit {head}"):
         reproduce.check_commit(study, allow_dirty=False, quick=False, repo=repo)
-    reproduce.check_commit(study, allow_dirty=True, quick=False, repo=repo)  # allowed, and the record stays
-    assert json.loads((study / "provenance.json").read_text())["commit"] == head
+    reproduce.check_commit(study, allow_dirty=True, quick=False, repo=repo)  # allowed, and recorded as such
+    assert json.loads((study / "provenance.json").read_text()) == {"commit": head, "dirty": True}
 
 
 def test_a_pending_preamble_is_replaced_by_a_full_studys_report_only(done, tmp_path):
