@@ -57,7 +57,7 @@ def of_task(scores: RecordScores, task: str) -> RecordScores:
 def _ci(result: dict, percent: bool) -> str:
     fmt = (lambda v: f"{v:+.2%}") if percent else (lambda v: f"{v:+.4f}")
     p = result["p_value"]
-    shown = f"p < {1 / 4000:.1g}" if p == 0 else f"p = {p:.2g}"
+    shown = f"p < {1 / 4000:g}" if p == 0 else f"p = {p:.2g}"  # 4000 replicates: none crossed 0
     return f"{fmt(result['estimate'])} [{fmt(result['low'])}, {fmt(result['high'])}], {shown}"
 
 
