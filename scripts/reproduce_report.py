@@ -272,7 +272,7 @@ def report(study: Study, preamble: str) -> str:
                     if (figures / f"{name}.png").is_file()]
     body = [setup_section(study), sweep_section(study), tables_section(study, results),
             paired_section(study, NAMES), flattening_section(study),
-            "## Figures\n\nLoss: mean over seeds; training loss as a moving average over a tenth of the run (raw "
+            "## Figures\n\nLoss: mean over seeds; training loss as a moving average over a sixth of the run (raw "
             "faint), validation loss with markers and a min..max band (HyCAM's curves include 0.1 x its balance "
             "loss). Expert routing: HyCAM, first seed, the generated test records: per layer, how far the tasks' "
             "expert distributions lie apart (Jensen-Shannon), and each task's mean gates minus all tasks'.\n\n"

@@ -78,7 +78,7 @@ def smooth(values: np.ndarray, window: int) -> np.ndarray:
 
 
 def plot_loss_curves(run_dirs: Sequence[str | Path], path: str | Path, band: str = "minmax") -> Path:
-    """Training loss per method (mean over seeds; raw faint, a moving average over a tenth of the run
+    """Training loss per method (mean over seeds; raw faint, a moving average over a sixth of the run
     bold) and validation loss (mean with markers, and a min-max or ±std band across seeds)."""
     if band not in BANDS:
         raise ValueError(f"band must be one of {BANDS}, got {band!r}")
@@ -92,7 +92,7 @@ def plot_loss_curves(run_dirs: Sequence[str | Path], path: str | Path, band: str
             mean = np.nanmean(values, axis=0)
             label = f"{method} ({values.shape[0]} seeds)"
             if split == "train":
-                line, = ax.plot(steps, smooth(mean, max(1, len(steps) // 10)), label=label, linewidth=1.8)
+                line, = ax.plot(steps, smooth(mean, max(1, len(steps) // 6)), label=label, linewidth=1.8)
                 ax.plot(steps, mean, color=line.get_color(), alpha=0.2, linewidth=0.8)
                 continue
             low, high = ((np.nanmin(values, axis=0), np.nanmax(values, axis=0)) if band == "minmax"
