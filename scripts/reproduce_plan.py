@@ -70,7 +70,8 @@ def plan(study: Study) -> str:
                          f"eval {'done' if evaluated else 'todo'}; retention {'done' if kept else 'todo'}")
             left += 0 if shared or state == "done" else estimate(study, run, "train")
             left += (0 if evaluated else estimate(study, run, "eval")) + (0 if kept else estimate(study, run, "retention"))
-    left += estimate(study, None, "experts") + 30  # + the loss figures and the report
+    figures = (study.root / "figures" / "experts.json").is_file()
+    left += (0 if figures else estimate(study, None, "experts")) + 30  # + the loss figures and the report
     lines.append(f"estimated time left on an idle 2-core machine: {left / 60:.0f} min "
                  "(without grid extensions not yet known)")
     return "\n".join(lines)
