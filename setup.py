@@ -24,7 +24,7 @@ setup(
                  "scikit-learn>=1.3", "tqdm>=4.60"],
         # the study's retention measure: gensim ships a Wikipedia sample as test data
         "study": ["hycam[train,eval]", "gensim>=4.3"],
-        "dev": ["hycam[train,eval]", "pytest>=7"],
+        "dev": ["hycam[study]", "pytest>=7"],
     },
     entry_points={"console_scripts": ["hycam-eval=hycam.evaluation.evaluate:main"]},
 )
