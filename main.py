@@ -113,7 +113,8 @@ def setup(cfg: TrainConfig, rank: int, world: int, log, interrupts: Interrupts, 
     trainable = sum(p.numel() for p in params.values())
     log(f"{cfg.method}: {trainable:,} trainable of {sum(p.numel() for p in model.parameters()):,} parameters")
 
-    batches = len(multitask_batches(splits["train"], cfg.micro_batch_size * world, cfg.seed, 0, drop_last=world > 1))
+    batches = len(multitask_batches(splits["train"], cfg.micro_batch_size * world, cfg.split_seed, 0,
+                                    drop_last=world > 1))
     total = cfg.max_steps or max(1, cfg.epochs * batches // cfg.grad_accum)
     groups = [{"params": [p for p in params.values() if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params.values() if p.dim() < 2], "weight_decay": 0.0}]
@@ -124,8 +125,8 @@ def setup(cfg: TrainConfig, rank: int, world: int, log, interrupts: Interrupts, 
     if rank == 0 and record:
         info = {**asdict(cfg), "world_size": world, "trainable_parameters": trainable}
         (Path(cfg.output_dir) / "run_config.json").write_text(json.dumps(info, indent=2) + "\n")
-    meta = {"model": cfg.model, "gguf_file": cfg.gguf_file, "seed": cfg.seed, "template": cfg.template,
-            "pad_id": tokenizer.pad_token_id}
+    meta = {"model": cfg.model, "gguf_file": cfg.gguf_file, "seed": cfg.seed, "data_seed": cfg.split_seed,
+            "template": cfg.template, "pad_id": tokenizer.pad_token_id}
     return Run(cfg, rank, world, engine, options, splits, meta, total, log, interrupts)
 
 
@@ -137,8 +138,8 @@ def train(run: Run, progress: Progress) -> str | None:
     with tqdm(total=run.total, initial=progress.step, disable=run.rank != 0, desc=cfg.method,
               dynamic_ncols=True) as bar:  # closed on every way out, so messages start on a line of their own
         while True:
-            batches = multitask_batches(run.splits["train"], cfg.micro_batch_size * run.world, cfg.seed, progress.epoch,
-                                        drop_last=run.world > 1)
+            batches = multitask_batches(run.splits["train"], cfg.micro_batch_size * run.world, cfg.split_seed,
+                                        progress.epoch, drop_last=run.world > 1)
             for index in range(progress.batch, len(batches)):
                 if progress.batch % cfg.grad_accum == 0:  # a new optimizer step: its own routing noise
                     torch.manual_seed(cfg.seed * 1_000_003 + progress.step * 101 + run.rank)

@@ -23,7 +23,9 @@ setup(
                   "accelerate>=0.34", "gguf>=0.10", "sentencepiece>=0.2", "datasets>=2.14"],
         "eval": ["sacrebleu>=2.3", "rouge-score>=0.1.2", "nltk>=3.8", "scipy>=1.10", "matplotlib>=3.7",
                  "scikit-learn>=1.3", "tqdm>=4.60", "datasets>=2.14"],
-        "dev": ["hycam[train,eval]", "pytest>=7", "trl>=1.16", "lm-eval>=0.4.13"],
+        # the study's retention measure: gensim ships a Wikipedia sample as test data
+        "study": ["hycam[train,eval]", "gensim>=4.3"],
+        "dev": ["hycam[study]", "pytest>=7", "trl>=1.16", "lm-eval>=0.4.13"],
     },
     entry_points={"console_scripts": ["hycam-eval=hycam.evaluation.evaluate:main"]},
 )

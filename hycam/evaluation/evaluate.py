@@ -20,6 +20,7 @@ Results go to `results.json` (the record `hycam.evaluation.tables` reads), `resu
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import sys
@@ -30,12 +31,12 @@ import torch
 from torch import nn
 
 from hycam.baselines import methods
-from hycam.data import DataError, Record, prompt_ids, tokenize_records
+from hycam.data import DataError, Record, prompt_ids, tokenize_record
 from hycam.data.models import load_model, load_tokenizer, resolve
 from hycam.evaluation import tables
 from hycam.evaluation.selection import (SPLITS, EvalOptions, UsageError, describe, read_tasks, resolve_options,
                                         scored, select_records, task_files, trained_on)
-from hycam.evaluation.generation import greedy_generate, response_nll
+from hycam.evaluation.generation import greedy_generate, record_nll
 from hycam.evaluation.metrics import bleu4, perplexity, rouge_l
 from hycam.precision import bf16_is_fast
 
@@ -121,30 +122,53 @@ def stop_tokens(model: nn.Module, tokenizer) -> list[int]:
 
 
 def evaluate_records(model: nn.Module, tokenizer, by_task: dict[str, list[Record]],
-                     options: EvalOptions) -> tuple[dict[str, dict], list[dict]]:
-    """Per-task metrics and every generation, for records already chosen."""
-    records = [r for task_records in by_task.values() for r in task_records]
+                     options: EvalOptions) -> tuple[dict[str, dict], list[dict], list[dict]]:
+    """Per-task metrics, every generation, and each scored record's response NLL (`score_records`: what
+    paired comparisons of two runs on the same records resample), for records already chosen."""
+    if options.generate_limit is not None and options.generate_limit < 1:
+        raise UsageError(f"--generate-limit must be >= 1, got {options.generate_limit}")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    try:
-        examples, stats = tokenize_records(records, tokenizer, options.max_length, options.template)
-    except ValueError as err:  # a template the tokenizer lacks, a bad --max-length
-        raise UsageError(str(err)) from err
-    nll = response_nll(model, examples, pad, options.batch_size, options.progress)
-    prompts = [prompt_ids(r, tokenizer, options.template) for r in records]
+    rows = score_records(model, tokenizer, [r for task_records in by_task.values() for r in task_records], pad,
+                         options)
+    nll = {task: (sum(x["nll"] for x in rows if x["task"] == task and x["nll"] is not None),
+                  sum(x["tokens"] for x in rows if x["task"] == task)) for task in by_task}
+    generated = [r for task_records in by_task.values() for r in task_records[:options.generate_limit]]
+    prompts = [prompt_ids(r, tokenizer, options.template) for r in generated]
     outputs = greedy_generate(model, prompts, pad, stop_tokens(model, tokenizer), options.max_new_tokens,
                               options.batch_size, options.progress)
     predictions = [text.strip() for text in tokenizer.batch_decode(outputs, skip_special_tokens=True)]
     generations = [{"task": r.task, "instruction": r.instruction, "input": r.input, "reference": r.output,
-                    "prediction": p} for r, p in zip(records, predictions)]
-    metrics = {task: {**task_metrics(task, generations, nll, options), "skipped": stats.skipped[task]}
-               for task in by_task}
-    return metrics, generations
+                    "prediction": p} for r, p in zip(generated, predictions)]
+    metrics = {task: {**task_metrics(task, generations, nll, options), "scored": len(by_task[task]),
+                      "skipped": sum(x["nll"] is None for x in rows if x["task"] == task)} for task in by_task}
+    return metrics, generations, rows
+
+
+def score_records(model: nn.Module, tokenizer, records: list[Record], pad: int, options: EvalOptions) -> list[dict]:
+    """Per record, in order: task, id, summed response NLL and response tokens (None, 0: prompt too long)."""
+    try:
+        examples = [tokenize_record(r, tokenizer, options.max_length, options.template) for r in records]
+    except ValueError as err:  # a template the tokenizer lacks, a bad --max-length
+        raise UsageError(str(err)) from err
+    scores = iter(record_nll(model, [e for e in examples if e is not None], pad, options.batch_size,
+                             options.progress))
+    rows = []
+    for record, example in zip(records, examples):
+        total, tokens = next(scores) if example is not None else (None, 0)
+        rows.append({"task": record.task, "id": record_id(record), "nll": total, "tokens": tokens})
+    return rows
+
+
+def record_id(record: Record) -> str:
+    """A short hash of the record's text: paired comparisons check that two runs scored the same records."""
+    text = "\x1f".join((record.task, record.instruction, record.input, record.output))
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
 def task_metrics(task: str, generations: list[dict], nll: dict[str, tuple[float, int]],
                  options: EvalOptions) -> dict:
     """PPL over the task's response tokens; corpus BLEU-4 and mean ROUGE-L of its generations."""
-    if task not in nll:
+    if not nll[task][1]:
         raise UsageError(f"task {task!r}: every prompt is longer than --max-length {options.max_length}")
     rows = [g for g in generations if g["task"] == task]
     predictions, references = [g["prediction"] for g in rows], [g["reference"].strip() for g in rows]
@@ -168,9 +192,9 @@ def evaluate_selected(model: nn.Module, tokenizer, by_task: dict[str, list[Recor
     """`evaluate` of records already chosen. The record's seed is the split's, else 0 (tables need an int)."""
     seed = options.seed if options.seed is not None else 0
     torch.manual_seed(seed)  # only noisy routing (eval_noise=True) draws from it
-    metrics, generations = evaluate_records(model.eval(), tokenizer, by_task, options)
+    metrics, generations, records = evaluate_records(model.eval(), tokenizer, by_task, options)
     result = {"method": method, "seed": seed, "split": options.split,
-              "tasks": metrics, "average": average(metrics), "options": asdict(options)}
+              "tasks": metrics, "average": average(metrics), "options": asdict(options), "records": records}
     return result, generations
 
 
@@ -206,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: all of --tasks, else the run's test split)")
     for name, text in (("seed", "split seed (default: the run's)"), ("max_length", "PPL context (default: the run's)"),
                        ("max_new_tokens", "generation budget"), ("batch_size", "records per forward pass"),
-                       ("limit", "at most this many records per task")):
+                       ("limit", "at most this many records per task"),
+                       ("generate_limit", "of those, at most this many generated per task (default: all)")):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(EvalOptions, name), help=text)
     parser.add_argument("--template", choices=("auto", "chat", "plain", "authors"), default=None,
                         help="prompt template (default: the run's)")
@@ -266,7 +291,9 @@ def score(args: argparse.Namespace) -> tuple[dict, list[dict]]:
         model, tokenizer = load_base(args.base_model, args.device, dtype)
     result, generations = evaluate_selected(model, tokenizer, by_task, options,
                                             args.label or recorded.get("method", "base"))
-    result.update(scored=account, dtype=str(dtype).removeprefix("torch."),
+    # "seed" names the run (its init), "split_seed" the records: they differ in a paired study (--data_seed).
+    result.update(seed=recorded.get("seed", result["seed"]), split_seed=options.seed,
+                  scored=account, dtype=str(dtype).removeprefix("torch."),
                   checkpoint=str(Path(args.checkpoint).resolve()) if args.checkpoint else None,
                   task_files=account["files"], base_model=args.base_model or recorded.get("model"))
     return result, generations

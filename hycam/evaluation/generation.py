@@ -33,9 +33,9 @@ def _progress(batches: list, desc: str, show: bool) -> Iterator:
 
 
 @torch.no_grad()
-def response_nll(model: nn.Module, examples: Sequence[dict], pad_token_id: int, batch_size: int = 4,
-                 progress: bool = False) -> dict[str, tuple[float, int]]:
-    """Per task: the summed NLL (natural log) of every response token, and how many there were.
+def record_nll(model: nn.Module, examples: Sequence[dict], pad_token_id: int, batch_size: int = 4,
+               progress: bool = False) -> list[tuple[float, int]]:
+    """Per example, in input order: the summed NLL (natural log) of its response tokens, and their number.
 
     `examples` come from `hycam.data.tokenize_record(s)`; labels are -100 except on the tokens to
     score. Right padding (`collate`) leaves the scored tokens' logits untouched under causal
@@ -43,18 +43,27 @@ def response_nll(model: nn.Module, examples: Sequence[dict], pad_token_id: int, 
     one row's `[L, vocab]` beyond the logits themselves.
     """
     device = next(model.parameters()).device
-    totals: dict[str, list] = defaultdict(lambda: [0.0, 0])
+    scores: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
     batches = _batches_by_length([len(e["input_ids"]) for e in examples], batch_size)
     for indices in _progress(batches, "ppl", progress):
         batch = collate([examples[i] for i in indices], pad_token_id)
         logits = model(input_ids=batch["input_ids"].to(device),
                        attention_mask=batch["attention_mask"].to(device)).logits  # (B, L, V)
         labels = batch["labels"].to(device)
-        for row, task in enumerate(batch["task"]):
+        for row, index in enumerate(indices):
             target = labels[row, 1:]  # token t is predicted from position t - 1
             nll = F.cross_entropy(logits[row, :-1].float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
-            totals[task][0] += float(nll)
-            totals[task][1] += int((target != IGNORE_INDEX).sum())
+            scores[index] = (float(nll), int((target != IGNORE_INDEX).sum()))
+    return scores
+
+
+def response_nll(model: nn.Module, examples: Sequence[dict], pad_token_id: int, batch_size: int = 4,
+                 progress: bool = False) -> dict[str, tuple[float, int]]:
+    """Per task: the summed NLL of every response token of its examples, and how many there were."""
+    totals: dict[str, list] = defaultdict(lambda: [0.0, 0])
+    for example, (nll, count) in zip(examples, record_nll(model, examples, pad_token_id, batch_size, progress)):
+        totals[example["task"]][0] += nll
+        totals[example["task"]][1] += count
     return {task: (nll, count) for task, (nll, count) in totals.items()}
 
 

@@ -67,26 +67,40 @@ def loss_curves(run_dirs: Sequence[str | Path]) -> dict[str, dict[str, tuple[np.
     return curves
 
 
+def smooth(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing moving average over the last `window` points (fewer at the start), NaNs skipped."""
+    out = np.full(len(values), np.nan)
+    for i in range(len(values)):
+        part = values[max(0, i - window + 1):i + 1]
+        if np.isfinite(part).any():
+            out[i] = np.nanmean(part)
+    return out
+
+
 def plot_loss_curves(run_dirs: Sequence[str | Path], path: str | Path, band: str = "minmax") -> Path:
-    """Training and validation loss per method: the mean over seeds and a min-max or ±std band."""
+    """Training loss per method (mean over seeds; raw faint, a moving average over a sixth of the run
+    bold) and validation loss (mean with markers, and a min-max or ±std band across seeds)."""
     if band not in BANDS:
         raise ValueError(f"band must be one of {BANDS}, got {band!r}")
     curves = loss_curves(run_dirs)
-    fig = Figure(figsize=(11, 4), layout="constrained")
+    fig = Figure(figsize=(12, 4.5), layout="constrained")
     for ax, split in zip(fig.subplots(1, 2), ("train", "validation")):
         for method, splits in curves.items():
             if split not in splits:
                 continue
             steps, values = splits[split]
             mean = np.nanmean(values, axis=0)
-            if band == "minmax":
-                low, high = np.nanmin(values, axis=0), np.nanmax(values, axis=0)
-            else:
-                spread = np.nanstd(values, axis=0)
-                low, high = mean - spread, mean + spread
-            line, = ax.plot(steps, mean, label=f"{method} ({values.shape[0]} seeds)")
-            ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
-        ax.set(title=f"{split} loss", xlabel="step", ylabel="loss")
+            label = f"{method} ({values.shape[0]} seeds)"
+            if split == "train":
+                line, = ax.plot(steps, smooth(mean, max(1, len(steps) // 6)), label=label, linewidth=1.8)
+                ax.plot(steps, mean, color=line.get_color(), alpha=0.2, linewidth=0.8)
+                continue
+            low, high = ((np.nanmin(values, axis=0), np.nanmax(values, axis=0)) if band == "minmax"
+                         else (mean - np.nanstd(values, axis=0), mean + np.nanstd(values, axis=0)))
+            line, = ax.plot(steps, mean, marker="o", markersize=4, label=label)
+            ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
+        title = "training loss (moving average; raw faint)" if split == "train" else "validation loss"
+        ax.set(title=title, xlabel="optimizer step", ylabel="loss (nats/token)")
         ax.legend(fontsize="small")
     return _save(fig, path)
 
@@ -171,24 +185,62 @@ def expert_utilisation(model: nn.Module, examples_by_task: dict[str, Sequence[di
     return stats
 
 
+def _js_bits(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Jensen-Shannon divergence in bits (0: the same distribution, 1: disjoint) along the last axis."""
+    m = (p + q) / 2
+
+    def kl(a: np.ndarray) -> np.ndarray:
+        return np.where(a > 0, a * np.log2(np.where(a > 0, a, 1) / np.where(m > 0, m, 1)), 0).sum(-1)
+
+    return (kl(p) + kl(q)) / 2
+
+
+def routing_divergence(stats: dict[str, dict]) -> dict[str, list[float]]:
+    """Per layer, how differently the tasks route: the mean over task pairs of the Jensen-Shannon
+    divergence between their mean-gate distributions (`between_tasks`), and each task's divergence from
+    the token-weighted routing of all tasks (`from_all[task]`), in bits."""
+    tasks = list(stats)
+    gates = {t: np.array(stats[t]["mean_gate"]) for t in tasks}  # (layers, N_s)
+    weights = np.array([stats[t]["tokens"] for t in tasks], dtype=np.float64)
+    overall = sum(w * gates[t] for w, t in zip(weights, tasks)) / weights.sum()
+    pairs = [(a, b) for i, a in enumerate(tasks) for b in tasks[i + 1:]]
+    between = np.mean([_js_bits(gates[a], gates[b]) for a, b in pairs], axis=0) if pairs else overall[:, 0] * 0
+    return {"between_tasks": between.tolist(), "from_all": {t: _js_bits(gates[t], overall).tolist() for t in tasks}}
+
+
+def _layer_ticks(ax, labels: Sequence, most: int) -> None:
+    """At most `most` layer labels on the x axis, so that they never overlap."""
+    positions = list(range(0, len(labels), max(1, math.ceil(len(labels) / most))))
+    ax.set_xticks(positions, [str(labels[i]) for i in positions])
+
+
 def plot_expert_utilisation(stats: dict[str, dict], path: str | Path, layers: Sequence[int] | None = None) -> Path:
-    """A grid, one row per task: token share and mean gate (layer x expert), routing entropy per layer."""
-    fig = Figure(figsize=(10, 0.5 + 2.6 * len(stats)), layout="constrained")
-    axes = np.atleast_2d(fig.subplots(len(stats), 3, width_ratios=[4, 4, 1.2]))
-    for row, (task, values) in zip(axes, stats.items()):
-        share, gate = np.array(values["token_share"]), np.array(values["mean_gate"])
-        labels = list(layers) if layers is not None else list(range(share.shape[0]))
-        for ax, data, name in ((row[0], share, "token share"), (row[1], gate, "mean gate")):
-            image = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
-            ax.set(title=f"{task}: {name}", xlabel="expert", ylabel="layer", xticks=range(data.shape[1]))
-            ax.set_yticks(range(len(labels)), labels)
-            fig.colorbar(image, ax=ax)
-        uniform = math.log(share.shape[1]) if share.shape[1] > 1 else 1.0
-        image = row[2].imshow(np.array(values["entropy"])[:, None], aspect="auto", cmap="magma", vmin=0,
-                              vmax=uniform, interpolation="nearest")
-        row[2].set(title="entropy", xticks=[])
-        row[2].set_yticks(range(len(labels)), labels)
-        fig.colorbar(image, ax=row[2], label=f"nats (uniform {uniform:.2f})")
+    """How routing differs between tasks. Top: per layer, the Jensen-Shannon divergence between tasks'
+    mean-gate distributions (mean over pairs) and of each task from all tasks' routing. Below, one map per
+    task: its mean gate minus all tasks' mean gate (layer x expert), on one colour scale centred on 0."""
+    divergence, tasks = routing_divergence(stats), list(stats)
+    gates = {t: np.array(stats[t]["mean_gate"]) for t in tasks}
+    weights = np.array([stats[t]["tokens"] for t in tasks], dtype=np.float64)
+    overall = sum(w * gates[t] for w, t in zip(weights, tasks)) / weights.sum()
+    labels = list(layers) if layers is not None else list(range(overall.shape[0]))
+    fig = Figure(figsize=(max(10, 2.6 * len(tasks)), 7.5), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[1, 1.1])
+    ax = top.subplots()
+    ax.plot(range(len(labels)), divergence["between_tasks"], marker="o", color="black", label="between tasks (mean)")
+    for task in tasks:
+        ax.plot(range(len(labels)), divergence["from_all"][task], linewidth=1, alpha=0.8, label=f"{task} vs all")
+    ax.set(title="routing divergence per layer (Jensen-Shannon, bits)", xlabel="layer", ylabel="JS (bits)")
+    _layer_ticks(ax, labels, 16)
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
+    limit = max(float(np.abs(gates[t] - overall).max()) for t in tasks) or 1.0
+    axes = np.atleast_1d(bottom.subplots(1, len(tasks), sharey=True))
+    for ax, task in zip(axes, tasks):
+        image = ax.imshow((gates[task] - overall).T, aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit,
+                          interpolation="nearest")
+        ax.set(title=f"{task} ({stats[task]['tokens']:,} tokens)", xlabel="layer", yticks=range(overall.shape[1]))
+        _layer_ticks(ax, labels, 6)
+    axes[0].set_ylabel("expert")
+    bottom.colorbar(image, ax=list(axes), label="mean gate minus all tasks' mean gate")
     return _save(fig, path)
 
 

@@ -30,7 +30,7 @@ class EvalOptions:
     split: str | None = None
     """'test', 'validation' or 'train' of the run's split, or 'all' records; None: 'all' with --tasks, else 'test'."""
     seed: int | None = None
-    """Seed of split_records; None: the run's seed (method.json or run_config.json)."""
+    """Seed of split_records; None: the run's data_seed, else its seed (method.json or run_config.json)."""
     template: str | None = None
     """Prompt template; None: the run's, else 'auto'."""
     max_length: int | None = None
@@ -41,6 +41,8 @@ class EvalOptions:
     """Records per forward pass, for PPL and for generation."""
     limit: int | None = None
     """At most this many records per task (the split's first ones)."""
+    generate_limit: int | None = None
+    """Of those, at most this many per task (the first ones) are generated for BLEU-4 and ROUGE-L; None: all."""
     progress: bool = True
     """Show progress bars on stderr."""
     max_records_per_task: int | None = None
@@ -55,7 +57,7 @@ class EvalOptions:
 def resolve_options(options: EvalOptions, recorded: dict, source: str | Path, tasks_given: bool = False) -> EvalOptions:
     """Fills the options left None, and the split's settings, from what the run recorded."""
     split = options.split or ("all" if tasks_given else "test")
-    seed = options.seed if options.seed is not None else recorded.get("seed")
+    seed = options.seed if options.seed is not None else split_seed(recorded)
     if seed is None and split != "all":
         raise UsageError(f"{source}: no split seed is recorded; pass --seed to build the {split} split")
     cap = None if tasks_given and split == "all" else recorded.get("max_records_per_task")
@@ -75,13 +77,18 @@ def task_files(args_tasks: list[str] | None, recorded: dict) -> list[str]:
     return list(recorded["data"])
 
 
+def split_seed(recorded: dict) -> int | None:
+    """The seed of the run's split and data order: its data_seed where set (a paired study), else its seed."""
+    return recorded["data_seed"] if recorded.get("data_seed") is not None else recorded.get("seed")
+
+
 def read_tasks(files: list[str], recorded: dict | None = None) -> list[Record]:
     """Every record of the task sources, or a UsageError naming the file and line at fault.
 
     ``synthetic`` is generated as the run generated it (its seed and record cap)."""
     recorded = recorded or {}
     try:
-        return load_sources(files, seed=recorded.get("seed") or 0,
+        return load_sources(files, seed=split_seed(recorded) or 0,
                             synthetic_per_task=recorded.get("max_records_per_task") or 200)
     except DataError as err:
         raise UsageError(str(err)) from err

@@ -42,7 +42,9 @@ class TrainConfig(MethodOptions):
     overflow: str = "truncate"
     """What to do with longer samples: truncate the response, or skip the sample."""
     seed: int = 2333
-    """Seed of the split, the data order, the initialisation and the routing noise."""
+    """Seed of the initialisation and the routing noise; also of the split and data order unless --data_seed."""
+    data_seed: int | None = None
+    """Seed of the split and the data order alone (paired studies: seeds then vary only the init); None: --seed."""
     fold: int | None = None
     """Cross-validation fold used as the test part (0..num_folds-1); None: a plain 7:2:1 split."""
     num_folds: int = 5
@@ -97,6 +99,11 @@ class TrainConfig(MethodOptions):
     """Seconds a rank waits for the others in a collective before the run stops with an error."""
     stale_lock_minutes: float = 10.0
     """A torch-extensions build lock this old, with no build running, stops the run naming it."""
+
+    @property
+    def split_seed(self) -> int:
+        """The seed of the split, the data order and the generated task set."""
+        return self.seed if self.data_seed is None else self.data_seed
 
     def __post_init__(self) -> None:
         for name, (ok, expected) in _CHECKS.items():

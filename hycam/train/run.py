@@ -41,7 +41,7 @@ def init_distributed(timeout_seconds: float) -> tuple[int, int]:
 
 def load_task_records(cfg: TrainConfig, log) -> list[Record]:
     """The records of every --data item (a missing path is a DataError naming it), capped per task."""
-    records = load_sources(cfg.data, seed=cfg.seed, synthetic_per_task=cfg.max_records_per_task or 200)
+    records = load_sources(cfg.data, seed=cfg.split_seed, synthetic_per_task=cfg.max_records_per_task or 200)
     if SYNTHETIC in cfg.data:
         log(f"--data {SYNTHETIC}: the generated five-task set, {cfg.max_records_per_task or 200} records per task")
     if cfg.max_records_per_task is None:
@@ -51,7 +51,7 @@ def load_task_records(cfg: TrainConfig, log) -> list[Record]:
 
 def prepare_splits(cfg: TrainConfig, tokenizer, log) -> dict[str, list[dict]]:
     """Tokenised train and validation examples (the test split is left to the evaluation)."""
-    splits = split_records(load_task_records(cfg, log), seed=cfg.seed, fold=cfg.fold, num_folds=cfg.num_folds)
+    splits = split_records(load_task_records(cfg, log), seed=cfg.split_seed, fold=cfg.fold, num_folds=cfg.num_folds)
     if cfg.max_eval_records_per_task is not None:
         splits["validation"] = first_per_task(splits["validation"], cfg.max_eval_records_per_task)
     out = {}

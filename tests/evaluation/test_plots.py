@@ -38,6 +38,34 @@ def test_loss_curves_align_seeds_by_step_and_leave_gaps_where_a_run_stopped(tmp_
         assert plots.plot_loss_curves(runs, tmp_path / f"{band}.png", band).stat().st_size > 0
 
 
+def test_the_training_loss_is_smoothed_over_the_last_points_skipping_gaps():
+    np.testing.assert_allclose(plots.smooth(np.array([1.0, 2.0, 3.0, 4.0]), 2), [1.0, 1.5, 2.5, 3.5])
+    np.testing.assert_allclose(plots.smooth(np.array([np.nan, 2.0, np.nan, 4.0]), 2), [np.nan, 2.0, 2.0, 4.0])
+
+
+def gate_stats(gates_by_task: dict[str, list], tokens: dict[str, int]) -> dict[str, dict]:
+    return {t: {"tokens": tokens[t], "mean_gate": g, "token_share": g, "entropy": [0.0] * len(g)}
+            for t, g in gates_by_task.items()}
+
+
+def test_routing_divergence_is_0_for_equal_routing_and_1_bit_for_disjoint_experts():
+    stats = gate_stats({"a": [[1.0, 0.0], [0.5, 0.5]], "b": [[0.0, 1.0], [0.5, 0.5]]}, {"a": 10, "b": 10})
+    result = plots.routing_divergence(stats)
+    assert result["between_tasks"] == pytest.approx([1.0, 0.0], abs=1e-12)
+    # layer 0: each task against the even mix [0.5, 0.5] of both
+    expected = 0.5 * math.log2(4 / 3) + 0.5 * (0.5 * math.log2(2 / 3) + 0.5 * math.log2(2))
+    assert result["from_all"]["a"] == pytest.approx([expected, 0.0], abs=1e-12)
+    weighted = plots.routing_divergence(gate_stats({"a": [[1.0, 0.0]], "b": [[0.0, 1.0]]}, {"a": 30, "b": 10}))
+    assert weighted["from_all"]["a"][0] < weighted["from_all"]["b"][0]  # the mix leans to a's 30 tokens
+
+
+def test_the_expert_figure_is_drawn_for_many_layers(tmp_path):
+    rng = np.random.default_rng(0)
+    stats = gate_stats({t: rng.dirichlet(np.ones(5), size=30).tolist() for t in ("a", "b", "c")},
+                       {"a": 100, "b": 50, "c": 20})
+    assert plots.plot_expert_utilisation(stats, tmp_path / "experts.png", list(range(30))).stat().st_size > 0
+
+
 def test_a_run_dir_without_metrics_is_named(tmp_path):
     (tmp_path / "run_config.json").write_text(json.dumps({"method": "hycam", "seed": 1}))
     with pytest.raises(FileNotFoundError, match="metrics.jsonl is missing"):
