@@ -37,6 +37,15 @@ def padded_batch(seed: int = 1, batch: int = 3, length: int = 12) -> dict[str, t
     return {"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask}
 
 
+def error_line(capsys) -> str:
+    """The one line a command printed to stderr for bad input; no traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():
     """Tiny models gain nothing from threads, and on a busy machine OpenMP spinning makes them slow."""

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import REPO, SHARED_DATA, tiny_model
+from conftest import REPO, SHARED_DATA, error_line, tiny_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import hycam
@@ -227,14 +227,6 @@ def test_compare_evaluates_a_run_and_marks_the_significant_best(tiny_run, output
     assert summary["baselines"] == ["lora"] and summary["overall"]["ppl"]["best"] == ["hycam"]
     assert summary["overall"]["ppl"]["test"]["significant"]
     assert "\\*" in (tmp_path / "cmp" / "comparison.md").read_text()
-
-
-def error_line(capsys):
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if "error:" in line]
-    assert len(lines) == 1
-    return lines[0]
 
 
 def test_a_checkpoint_for_another_base_model_is_refused_in_one_line(tiny_run, capsys):

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import datasets
 import pytest
 import torch
+from conftest import error_line
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hycam
@@ -164,14 +165,6 @@ def test_a_saved_dataset_is_scored_as_its_task_file(own, tiny_model_dir, tmp_pat
     assert run_main([*argv, "--output-dir", str(tmp_path / "out")])[0] == 0
     assert json.loads((tmp_path / "out" / "results.json").read_text())["tasks"] == own.base.result["tasks"]
     assert (tmp_path / "out" / "generations.jsonl").read_text() == (own.base.out / "generations.jsonl").read_text()
-
-
-def error_line(capsys):
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if "error:" in line]
-    assert len(lines) == 1
-    return lines[0]
 
 
 @pytest.mark.parametrize("argv", [[], ["--base-model", "MODEL"]])
