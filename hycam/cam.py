@@ -86,6 +86,7 @@ class HyCAM(nn.Module):
         self.scale = config.lora_alpha / config.rank if config.lora_alpha else 1.0
         self.reset_parameters(config.init_std)
         self._inputs = self._adjacent_input_weights()
+        self._inference_cache = None
         self._input_sizes = [layer.out_features for layer in self._inputs]
 
     def _adjacent_input_weights(self) -> list[Projection]:
@@ -118,6 +119,32 @@ class HyCAM(nn.Module):
             end += w.numel() * w.element_size()
         return first.detach().as_strided((sum(w.size(0) for w in weights), first.size(1)), first.stride())
 
+    def _inference_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """For a no-grad forward: the merged input weight and scale * (B_k N_k)^T, `[N_s, r, d]`, else None.
+
+        Folding N_k into B_k saves a batched matmul per layer and token when decoding. The fold is kept until
+        a weight it came from changes: moved (data pointer) or written in place (version counter, which an
+        optimiser step or `load_state_dict` bumps). It costs one more copy of the B_k's size.
+        """
+        if not self._inputs or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return None
+        up, mix = self.spec_up, self.spec_down.mix
+        key = (*(layer.weight.data_ptr() for layer in self._inputs), up.data_ptr(), up._version, mix.data_ptr(),
+               mix._version, up.dtype)
+        if self._inference_cache is None or self._inference_cache[0] != key:
+            merged = self._merged_input_weight()
+            if merged is None:
+                return None
+            with torch.inference_mode(False):  # an inference tensor could not be reused outside inference mode
+                wide = torch.promote_types(up.dtype, torch.float32)  # the fold itself rounds only once
+                folded = (self.scale * up.detach().to(wide) @ mix.detach().to(wide)).transpose(1, 2)
+                self._inference_cache = (key, merged, folded.to(up.dtype).contiguous())
+        return self._inference_cache[1:]
+
+    def _apply(self, fn, recurse=True):
+        self._inference_cache = None  # `.to()` and the like: it would keep the old weights alive
+        return super()._apply(fn, recurse)
+
     def reset_parameters(self, std: float = 0.0) -> None:
         """Zeros for W_shared and B_k (the model is unchanged at step 0); biases zero too."""
         for weight in (getattr(self.shared, "weight", None), self.spec_up):
@@ -129,11 +156,12 @@ class HyCAM(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """h_norm (B, L, d) -> A_fusion (B, L, d), Eq. 11."""
-        merged = self._merged_input_weight()
-        if merged is not None:  # inference: one matmul for the three, not three small ones (decoding)
+        fast = self._inference_weights()
+        if fast is not None:  # inference: one matmul for the three, not three small ones (decoding)
+            merged, up = fast
             shared, a, logits = F.linear(h, merged).split(self._input_sizes, dim=-1)
             _, probs = self.router.route(logits)
-            return modulation_at_inference(shared, a, probs, self.spec_down.mix, self.spec_up, self.scale)
+            return modulation_at_inference(shared, a, probs, up)
         if self.router is None:
             return self.shared_modulation(h)
         spec = self.specialized_modulation(h)

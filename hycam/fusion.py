@@ -80,23 +80,22 @@ def _forward(x: torch.Tensor, up: torch.Tensor, bias: torch.Tensor | None, probs
     return act.mul_(probs.t().unsqueeze(-1)).sum(0)  # (T, d)
 
 
-def modulation_at_inference(shared: torch.Tensor, down: torch.Tensor, probs: torch.Tensor, mix: torch.Tensor,
-                            up: torch.Tensor, scale: float) -> torch.Tensor:
+def modulation_at_inference(shared: torch.Tensor, down: torch.Tensor, probs: torch.Tensor,
+                            up: torch.Tensor) -> torch.Tensor:
     """A_fusion without autograd, from the merged matmul's three outputs (`HyCAM` at inference).
 
-    shared = h W_shared^T (..., d), down = h A^T (..., N_s r), probs (..., N_s) -> A_fusion (..., d).
-    The same arithmetic as `weighted_silu_sum` on `LowRankDown`'s output, in fewer ops (what counts
-    when decoding, at one token): the experts stay expert-major from the mix to the weighted sum, and
-    SiLU and the sums are written in place.
+    shared = h W_shared^T (..., d), down = h A^T (..., N_s r), probs (..., N_s) float32,
+    up = scale * (B_k N_k)^T (N_s, r, d) -> A_fusion (..., d).
+    The arithmetic of `weighted_silu_sum` on `LowRankDown`'s output with N_k folded into B_k, in the
+    fewest ops found (what counts when decoding one token): the experts stay expert-major from the
+    down-projection to the weighted sum, and SiLU, the weighting and the sum are written in place.
     """
-    n, r = mix.shape[:2]
+    n, r = up.shape[:2]
     x = down.reshape(-1, n, r).transpose(0, 1)  # (N_s, T, r)
-    x = torch.bmm(x, mix.to(x.dtype).transpose(1, 2))  # x_k N_k^T, (N_s, T, r)
-    x = x if scale == 1.0 else x.mul_(scale)
-    pre = torch.bmm(x, up.to(x.dtype).transpose(1, 2), out=_workspace(0, (n, x.size(1), up.size(1)), x))
-    weights = probs.reshape(-1, n).t().unsqueeze(-1).to(x.dtype)  # (N_s, T, 1); a float32 one would upcast pre
-    out = F.silu(pre, inplace=True).mul_(weights).sum(0)  # (T, d)
-    return out.add_(F.silu(shared, inplace=True).reshape(-1, out.size(-1))).view(shared.shape)
+    pre = torch.bmm(x, up.to(x.dtype), out=_workspace(0, (n, x.size(1), up.size(2)), x))  # (N_s, T, d)
+    # An in-place multiply by float32 weights rounds once, into pre's dtype.
+    act = F.silu(pre, inplace=True).mul_(probs.reshape(-1, n).t().unsqueeze(-1))  # p_k SiLU(...), (N_s, T, d)
+    return act.sum(0).view(shared.shape).add_(F.silu(shared, inplace=True))
 
 
 class _WeightedSiluSum(torch.autograd.Function):

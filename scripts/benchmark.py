@@ -33,6 +33,7 @@ SWEEP = [(n, 64) for n in (1, 2, 5, 10)] + [(5, r) for r in (16, 32, 128)]  # (n
 TARGETS = {"step hycam/lora": ("<=", 1.10), "step hycam/floor": ("<=", 1.30),
            "step hycam/lora, CPU time": ("<=", 1.10), "step hycam/floor, CPU time": ("<=", 1.30),
            "peak memory hycam/lora": ("<=", 1.15), "generation hycam/base": (">=", 0.84),
+           "generation hycam/base, torch.compile": (">=", 0.84),
            "sweep added time N_s=10 / N_s=1": ("<", 10.0)}
 
 
@@ -50,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory-steps", type=int, default=3, help="training steps in each peak-memory subprocess")
     for name, default in (("gen-batch", 1), ("prompt-len", 64), ("new-tokens", 64), ("gen-repeats", 3)):
         p.add_argument(f"--{name}", type=int, default=default, help="generation: batch, prompt, tokens, rounds")
+    p.add_argument("--compile", action="store_true", help="also time decoding under torch.compile (static cache)")
+    p.add_argument("--generation-only", action="store_true", help="time decoding only: no training, memory, sweep")
     p.add_argument("--out", default="benchmark_out", help="directory for benchmark.json and benchmark.md")
     p.add_argument("--child", nargs=2, metavar=("METHOD", "CACHE"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -94,10 +97,12 @@ def training(base, args) -> dict:
 
 
 def generation(base, args) -> dict:
-    """Greedy KV-cache decoding of exactly --new-tokens tokens after a random prompt."""
+    """Greedy KV-cache decoding of exactly --new-tokens tokens after a random prompt: eager and, with
+    --compile, compiled too, all four in the same rounds."""
     models = {"base": copy.deepcopy(base), "hycam": hycam.apply(copy.deepcopy(base))}
+    compiled = {f"{name}, torch.compile": model for name, model in models.items()} if args.compile else {}
     ids = speed.make_batch(base.config.vocab_size, args.gen_batch, args.prompt_len, args.device)["input_ids"]
-    return speed.decode_rates(models, ids, args.new_tokens, args.gen_repeats)
+    return speed.decode_rates(models | compiled, ids, args.new_tokens, args.gen_repeats, compiled=compiled)
 
 
 def sweep(base, args) -> dict:
@@ -132,15 +137,24 @@ def peak_memory(base, args, argv: list[str]) -> dict:
 
 
 def ratios(result: dict) -> dict[str, float]:
-    train, gen, sweep_times = result["training"], result["generation"], result.get("sweep", {})
-    out = {f"step hycam/{other}{label}": train["hycam"][key] / train[other][key]
-           for key, label in (("step_s", ""), ("cpu_s", ", CPU time")) for other in ("lora", "floor")}
-    out |= {"peak memory hycam/lora": result["memory"]["hycam"]["peak_mb"] / result["memory"]["lora"]["peak_mb"],
-           "generation hycam/base": gen["hycam"]["tokens_per_s"] / gen["base"]["tokens_per_s"]}
+    train, gen, sweep_times = result.get("training"), result["generation"], result.get("sweep", {})
+    out = {}
+    if train:
+        out |= {f"step hycam/{other}{label}": train["hycam"][key] / train[other][key]
+                for key, label in (("step_s", ""), ("cpu_s", ", CPU time")) for other in ("lora", "floor")}
+        out["peak memory hycam/lora"] = result["memory"]["hycam"]["peak_mb"] / result["memory"]["lora"]["peak_mb"]
+    for label in ("", ", torch.compile"):
+        if f"hycam{label}" in gen:
+            out[f"generation hycam/base{label}"] = generation_ratio(gen, label)["median"]
     if sweep_times:
         added = {n: sweep_times[f"N_s={n} rank=64"]["step_s"] - sweep_times["floor"]["step_s"] for n in (1, 10)}
         out["sweep added time N_s=10 / N_s=1"] = added[10] / added[1]
     return out
+
+
+def generation_ratio(gen: dict, label: str = "") -> dict[str, float]:
+    """HyCAM's tokens/s over the base model's, round by round (each round times both, one after the other)."""
+    return speed.paired_ratio(gen[f"hycam{label}"]["all"], gen[f"base{label}"]["all"])
 
 
 def machine(args) -> dict:
@@ -148,21 +162,27 @@ def machine(args) -> dict:
 
 
 def markdown(result: dict) -> str:
-    a, train, mem = result["args"], result["training"], result["memory"]
-    setting = (f"{a['model']}, {a['dtype']}, batch {a['batch']} x {a['seq_len']} tokens, {a['repeats']} timed "
-               f"rounds (median), load average at the end {result['load_average_end']}.")
-    lines = [f"`{result['command']}`", "", f"Machine: {result['machine']}", "", setting, "",
-             "| method | trainable params | total params | step (s) | CPU (s) | tokens/s | peak MB | over model MB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for m in METHODS:
-        t, p = train[m], train[m]["params"]
-        lines.append(f"| {m} | {p['trainable']:,} | {p['total']:,} | {t['step_s']:.3f} | {t['cpu_s']:.3f} | "
-                     f"{t['tokens_per_s']:.1f} | {mem[m]['peak_mb']:.0f} | {mem[m]['over_model_mb']:.0f} |")
+    a, train, mem = result["args"], result.get("training"), result.get("memory")
+    setting = (f"{a['model']}, {a['dtype']}, " + ("" if a["generation_only"] else f"batch {a['batch']} x "
+               f"{a['seq_len']} tokens, {a['repeats']} timed rounds (median), ") + f"generation batch {a['gen_batch']}, "
+               f"{a['prompt_len']}-token prompt, {a['new_tokens']} new tokens; load average at the end "
+               f"{result['load_average_end']}.")
+    lines = [f"`{result['command']}`", "", f"Machine: {result['machine']}", "", setting]
+    if train:
+        lines += ["", "| method | trainable params | total params | step (s) | CPU (s) | tokens/s | peak MB | "
+                  "over model MB |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for m in METHODS:
+            t, p = train[m], train[m]["params"]
+            lines.append(f"| {m} | {p['trainable']:,} | {p['total']:,} | {t['step_s']:.3f} | {t['cpu_s']:.3f} | "
+                         f"{t['tokens_per_s']:.1f} | {mem[m]['peak_mb']:.0f} | {mem[m]['over_model_mb']:.0f} |")
     gen = result["generation"]
-    lines += ["", "| generation (KV cache) | tokens/s |", "|---|---:|"]
-    lines += [f"| {name} | {gen[name]['tokens_per_s']:.2f} |" for name in gen]
-    rounds = [h / b for h, b in zip(gen["hycam"]["all"], gen["base"]["all"])]  # the same round, one after the other
-    lines += ["", f"generation hycam/base per round: {min(rounds):.3f}-{max(rounds):.3f} over {len(rounds)} rounds"]
+    lines += ["", f"| generation (KV cache, {a['gen_repeats']} rounds) | tokens/s, median | hycam/base per round: "
+              "median | quartiles | range |", "|---|---:|---:|---:|---:|"]
+    for name in gen:
+        label = name.removeprefix("base").removeprefix("hycam")
+        r = generation_ratio(gen, label) if name.startswith("hycam") else None
+        spread = f"{r['median']:.3f} | {r['q1']:.3f}-{r['q3']:.3f} | {r['min']:.3f}-{r['max']:.3f}" if r else " |  | "
+        lines.append(f"| {name} | {gen[name]['tokens_per_s']:.2f} | {spread} |")
     lines += ["", "| ratio | measured | target | met |", "|---|---:|---:|---|"]
     for name, value in result["ratios"].items():
         op, bound = TARGETS[name]
@@ -185,10 +205,11 @@ def main(argv: list[str] | None = None) -> None:
         return child_peak(args)
     result = {"command": "python scripts/benchmark.py " + " ".join(argv), "args": vars(args), "machine": machine(args)}
     base = base_model(args)
-    result["memory"] = peak_memory(base, args, argv)
-    result["training"] = training(base, args)
+    if not args.generation_only:
+        result["memory"] = peak_memory(base, args, argv)
+        result["training"] = training(base, args)
     result["generation"] = generation(base, args)
-    if args.sweep_repeats:
+    if args.sweep_repeats and not args.generation_only:
         result["sweep"] = sweep(base, args)
     result["ratios"], result["load_average_end"] = ratios(result), os.getloadavg()
     Path(args.out).mkdir(parents=True, exist_ok=True)

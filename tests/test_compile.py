@@ -9,6 +9,7 @@ import torch
 from conftest import padded_batch, tiny_model
 
 import hycam
+from hycam.evaluation import speed
 
 
 def modulated():
@@ -80,3 +81,18 @@ def test_training_under_compile_does_not_recompile_after_the_first_step():
         optimizer.zero_grad()
         frames.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
     assert frames[0] >= 1 and frames[2] == frames[0]
+
+
+def test_compiled_generation_gives_the_eager_tokens_and_compiles_once():
+    model = hycam.apply(tiny_model(), hycam.HyCAMConfig(rank=8, init_std=0.3)).eval()
+    ids = padded_batch(batch=1)["input_ids"]
+    settings = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6,
+                    do_sample=False, pad_token_id=0)
+    compiled = dict(cache_implementation="static", compile_config=speed.compile_config())  # what the benchmark runs
+    eager = model.generate(**settings)
+    torch._dynamo.reset()
+    assert torch.equal(model.generate(**settings, **compiled), eager)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs >= 1
+    assert torch.equal(model.generate(**settings, **compiled), eager)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs

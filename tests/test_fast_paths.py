@@ -198,3 +198,21 @@ def test_inference_matches_the_plain_formula_in_float64_and_bfloat16(lora_alpha,
         got = low(h.bfloat16()).double()
     want = plain_fusion(low, h.bfloat16())
     assert (got - want).abs().max() <= 0.02 * want.abs().max()
+
+
+def test_inference_follows_weights_written_in_place_by_a_step_or_a_load():
+    config = hycam.HyCAMConfig(num_specialized=3, rank=8, init_std=0.1)
+    cam = HyCAM(32, config, dtype=torch.float64).eval()
+    h = torch.randn(2, 3, 32, dtype=torch.float64)
+    with torch.no_grad():
+        before = cam(h)  # folds N_k into B_k
+    cam(h).square().sum().backward()
+    torch.optim.SGD(cam.parameters(), lr=0.5).step()
+    with torch.no_grad():
+        stepped = cam(h)
+        assert not torch.allclose(stepped, before)
+        torch.testing.assert_close(stepped, plain_fusion(cam, h), rtol=1e-12, atol=1e-12)
+        torch.manual_seed(1)
+        other = HyCAM(32, config, dtype=torch.float64)
+        cam.load_state_dict(other.state_dict())
+        torch.testing.assert_close(cam(h), plain_fusion(other, h), rtol=1e-12, atol=1e-12)

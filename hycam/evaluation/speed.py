@@ -17,6 +17,7 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 import peft  # loaded up front, like every library the methods use, before any memory mark
@@ -99,25 +100,45 @@ def param_counts(model: nn.Module) -> dict[str, int]:
     return {"trainable": sum(p.numel() for p in params if p.requires_grad), "total": sum(p.numel() for p in params)}
 
 
+def compile_config() -> transformers.CompileConfig:
+    """How `generate` compiles its decoding steps (a static KV cache, one graph per model)."""
+    config = transformers.CompileConfig(fullgraph=True)
+    config._compile_all_devices = True  # transformers compiles generation on accelerators only, unless told
+    return config
+
+
 @torch.no_grad()
-def decode_rate(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> float:
+def decode_rate(model: nn.Module, ids: torch.Tensor, new_tokens: int, compiled: bool = False) -> float:
     """New tokens per second of greedy KV-cache decoding of exactly `new_tokens` tokens after `ids`,
-    the prompt's prefill included in the time."""
+    the prompt's prefill included in the time; `compiled`: decoding steps under `torch.compile`."""
     pad = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else 0
+    extra = {"cache_implementation": "static", "compile_config": compile_config()} if compiled else {}
     sync(ids.device)
     start = time.perf_counter()
     model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                   min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=pad)
+                   min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=pad, **extra)
     sync(ids.device)
     return ids.size(0) * new_tokens / (time.perf_counter() - start)
 
 
-def decode_rates(models: dict[str, nn.Module], ids: torch.Tensor, new_tokens: int, repeats: int) -> dict:
-    """Median tokens/s of every model in eval mode, interleaved round by round after one warm-up round."""
+def decode_rates(models: dict[str, nn.Module], ids: torch.Tensor, new_tokens: int, repeats: int,
+                 compiled: Collection[str] = ()) -> dict:
+    """Median tokens/s of every model in eval mode, interleaved round by round after one warm-up round
+    (which also compiles the models named in `compiled`)."""
     models = {name: model.eval() for name, model in models.items()}
-    samples = round_robin(models, lambda _, model: decode_rate(model, ids, new_tokens), 1, repeats)
-    return {name: {"tokens_per_s": statistics.median(got), "all": [round(x, 2) for x in got]}
+    samples = round_robin(models, lambda name, model: decode_rate(model, ids, new_tokens, name in compiled), 1,
+                          repeats)
+    return {name: {"tokens_per_s": statistics.median(got), "all": [round(x, 3) for x in got]}
             for name, got in samples.items()}
+
+
+def paired_ratio(numerator: list[float], denominator: list[float]) -> dict[str, float]:
+    """Median, quartiles and range of the per-round ratios of two runs measured in the same rounds:
+    pairing by round cancels the machine's drift, which moves both alike."""
+    ratios = sorted(a / b for a, b in zip(numerator, denominator, strict=True))
+    low, _, high = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
+    return {"median": statistics.median(ratios), "q1": low, "q3": high, "min": ratios[0], "max": ratios[-1],
+            "rounds": len(ratios)}
 
 
 def resident_mb(field: str) -> float:
