@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="timed rounds of the four methods")
     p.add_argument("--sweep-repeats", type=int, default=3, help="timed rounds of the N_s / rank sweep; 0 skips it")
     p.add_argument("--memory-steps", type=int, default=3, help="training steps in each peak-memory subprocess")
-    for name, default in (("gen-batch", 1), ("prompt-len", 64), ("new-tokens", 64), ("gen-repeats", 3)):
+    for name, default in (("gen-batch", 1), ("prompt-len", 64), ("new-tokens", 64), ("gen-repeats", 10)):
         p.add_argument(f"--{name}", type=int, default=default, help="generation: batch, prompt, tokens, rounds")
     p.add_argument("--compile", action="store_true", help="also time decoding under torch.compile (static cache)")
     p.add_argument("--generation-only", action="store_true", help="time decoding only: no training, memory, sweep")
@@ -97,12 +97,12 @@ def training(base, args) -> dict:
 
 
 def generation(base, args) -> dict:
-    """Greedy KV-cache decoding of exactly --new-tokens tokens after a random prompt: eager and, with
-    --compile, compiled too, all four in the same rounds."""
+    """Greedy KV-cache decoding of --new-tokens tokens after a random prompt, step by step in turn: eager
+    and, with --compile, compiled too, all in the same rounds."""
     models = {"base": copy.deepcopy(base), "hycam": hycam.apply(copy.deepcopy(base))}
     compiled = {f"{name}, torch.compile": model for name, model in models.items()} if args.compile else {}
     ids = speed.make_batch(base.config.vocab_size, args.gen_batch, args.prompt_len, args.device)["input_ids"]
-    return speed.decode_rates(models | compiled, ids, args.new_tokens, args.gen_repeats, compiled=compiled)
+    return speed.stepwise_decode_rates(models | compiled, ids, args.new_tokens, args.gen_repeats, compiled)
 
 
 def sweep(base, args) -> dict:

@@ -114,8 +114,8 @@ def _decode(model: nn.Module, batch: dict[str, torch.Tensor], eos_token_ids: Seq
     """The new tokens of every row of a left-padded batch, each up to and including its first EOS."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
     positions = (mask.cumsum(-1) - 1).clamp_min(0)  # left padding: each row's first token is position 0
-    cache = _new_cache(model)
-    extra = _forward_arguments(model, cache)
+    cache = new_cache(model)
+    extra = cache_arguments(model, cache)
     rows, tokens = torch.arange(ids.size(0)), [[] for _ in range(ids.size(0))]
     stop = torch.tensor(list(eos_token_ids), dtype=torch.long, device=ids.device)
     for _ in range(max_new_tokens):
@@ -133,7 +133,7 @@ def _decode(model: nn.Module, batch: dict[str, torch.Tensor], eos_token_ids: Seq
     return tokens
 
 
-def _new_cache(model: nn.Module) -> DynamicCache:
+def new_cache(model: nn.Module) -> DynamicCache:
     """An empty KV cache laid out as `generate` would make it (transformers 5 reads the model's config for
     sliding-window layers; 4.x takes no config). Every forward fills it in place."""
     if "config" in inspect.signature(DynamicCache.__init__).parameters:
@@ -141,7 +141,7 @@ def _new_cache(model: nn.Module) -> DynamicCache:
     return DynamicCache()
 
 
-def _forward_arguments(model: nn.Module, cache: DynamicCache) -> dict:
+def cache_arguments(model: nn.Module, cache: DynamicCache) -> dict:
     """The cache under the name this transformers takes (`cache` since 5.2x, `past_key_values` before),
     and the argument that makes the LM head score only the last position (`logits_to_keep` since
     4.50, `num_logits_to_keep` before; at prefill the full `[B, L, vocab]` logits cost more than the

@@ -27,6 +27,7 @@ from torch import nn
 
 import hycam
 from hycam.baselines.methods import MethodOptions, prepare
+from hycam.evaluation import generation
 
 
 def sync(device: torch.device | str) -> None:
@@ -100,36 +101,71 @@ def param_counts(model: nn.Module) -> dict[str, int]:
     return {"trainable": sum(p.numel() for p in params if p.requires_grad), "total": sum(p.numel() for p in params)}
 
 
-def compile_config() -> transformers.CompileConfig:
-    """How `generate` compiles its decoding steps (a static KV cache, one graph per model)."""
-    config = transformers.CompileConfig(fullgraph=True)
-    config._compile_all_devices = True  # transformers compiles generation on accelerators only, unless told
-    return config
-
-
 @torch.no_grad()
-def decode_rate(model: nn.Module, ids: torch.Tensor, new_tokens: int, compiled: bool = False) -> float:
+def decode_rate(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> float:
     """New tokens per second of greedy KV-cache decoding of exactly `new_tokens` tokens after `ids`,
-    the prompt's prefill included in the time; `compiled`: decoding steps under `torch.compile`."""
+    the prompt's prefill included in the time."""
     pad = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else 0
-    extra = {"cache_implementation": "static", "compile_config": compile_config()} if compiled else {}
     sync(ids.device)
     start = time.perf_counter()
     model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                   min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=pad, **extra)
+                   min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=pad)
     sync(ids.device)
     return ids.size(0) * new_tokens / (time.perf_counter() - start)
 
 
-def decode_rates(models: dict[str, nn.Module], ids: torch.Tensor, new_tokens: int, repeats: int,
-                 compiled: Collection[str] = ()) -> dict:
-    """Median tokens/s of every model in eval mode, interleaved round by round after one warm-up round
-    (which also compiles the models named in `compiled`)."""
+def decode_rates(models: dict[str, nn.Module], ids: torch.Tensor, new_tokens: int, repeats: int) -> dict:
+    """Median tokens/s of every model in eval mode, interleaved round by round after one warm-up round."""
     models = {name: model.eval() for name, model in models.items()}
-    samples = round_robin(models, lambda name, model: decode_rate(model, ids, new_tokens, name in compiled), 1,
-                          repeats)
+    samples = round_robin(models, lambda _, model: decode_rate(model, ids, new_tokens), 1, repeats)
     return {name: {"tokens_per_s": statistics.median(got), "all": [round(x, 3) for x in got]}
             for name, got in samples.items()}
+
+
+@torch.no_grad()
+def stepwise_decode_rates(models: dict[str, nn.Module], ids: torch.Tensor, new_tokens: int, rounds: int,
+                          compiled: Collection[str] = ()) -> dict:
+    """Tokens/s of greedy KV-cache decoding, one step of every model in turn, per round (a prefill each,
+    untimed, then `new_tokens` timed steps), after one warm-up round (which also compiles).
+
+    Interleaving by step, not by whole generation, puts every model in the same few milliseconds of the
+    machine's drift. The models named in `compiled` decode with a static cache and a `torch.compile`d
+    forward, as `generate` does with `cache_implementation="static"`; the others as `greedy_generate`.
+    Each result also holds the last round's tokens (prefill's and every step's).
+    """
+    # As `generate` compiles: the module's __call__ (its hooks included), one static cache reused.
+    steppers = {name: torch.compile(model.eval().__call__, fullgraph=True) if name in compiled else model.eval()
+                for name, model in models.items()}
+    static = {name: transformers.StaticCache(config=models[name].config, max_cache_len=ids.size(1) + new_tokens)
+              for name in compiled}
+    samples: dict[str, list[float]] = {name: [] for name in models}
+    for round_ in range(rounds + 1):
+        state, tokens, seconds = {}, {}, dict.fromkeys(models, 0.0)
+        for name, model in models.items():
+            cache = static[name] if name in static else generation.new_cache(model)
+            if name in static:
+                cache.reset()
+            extra = generation.cache_arguments(model, cache)
+            logits = model(input_ids=ids, cache_position=torch.arange(ids.size(1), device=ids.device), **extra).logits
+            state[name] = (extra, logits[:, -1:].argmax(-1))
+            tokens[name] = [state[name][1]]
+        for step in range(new_tokens):
+            position = torch.tensor([ids.size(1) + step], device=ids.device)
+            for name in list(models)[:: 1 if step % 2 else -1]:  # the order alternates step by step
+                extra, token = state[name]
+                sync(ids.device)
+                start = time.perf_counter()
+                logits = steppers[name](input_ids=token, cache_position=position, **extra).logits
+                token = logits[:, -1:].argmax(-1)
+                sync(ids.device)
+                seconds[name] += time.perf_counter() - start
+                state[name] = (extra, token)
+                tokens[name].append(token)
+        if round_:
+            for name in models:
+                samples[name].append(ids.size(0) * new_tokens / seconds[name])
+    return {name: {"tokens_per_s": statistics.median(got), "all": [round(x, 3) for x in got],
+                   "tokens": torch.cat(tokens[name], dim=1).tolist()} for name, got in samples.items()}
 
 
 def paired_ratio(numerator: list[float], denominator: list[float]) -> dict[str, float]:
