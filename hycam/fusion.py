@@ -92,9 +92,11 @@ def modulation_at_inference(shared: torch.Tensor, down: torch.Tensor, probs: tor
     """
     n, r = up.shape[:2]
     x = down.reshape(-1, n, r).transpose(0, 1)  # (N_s, T, r)
-    pre = torch.bmm(x, up.to(x.dtype), out=_workspace(0, (n, x.size(1), up.size(2)), x))  # (N_s, T, d)
+    # Scratch memory for prefill's megabytes; a decoding step's few kilobytes come fresh at no cost.
+    scratch = _workspace(0, (n, x.size(1), up.size(2)), x) if x.size(1) > 16 else None
+    pre = torch.bmm(x, up, out=scratch)  # (N_s, T, d)
     # An in-place multiply by float32 weights rounds once, into pre's dtype.
-    act = F.silu(pre, inplace=True).mul_(probs.reshape(-1, n).t().unsqueeze(-1))  # p_k SiLU(...), (N_s, T, d)
+    act = F.silu(pre, inplace=True).mul_(probs.movedim(-1, 0).reshape(n, -1, 1))  # p_k SiLU(...), (N_s, T, d)
     return act.sum(0).view(shared.shape).add_(F.silu(shared, inplace=True))
 
 

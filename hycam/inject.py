@@ -159,8 +159,9 @@ def _modulate(attn: nn.Module, args: tuple, kwargs: dict, output):
     h_norm = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # (B, L, d)
     h_att = output[0] if isinstance(output, tuple) else output  # (B, L, d)
     cam: HyCAM = attn.hycam
-    base = h_att if cam.residual is None else cam.residual + h_att
-    cam.residual = None
+    base = h_att
+    if cam.residual is not None:  # only then: a module's __setattr__ is slow, and this runs per layer and token
+        base, cam.residual = cam.residual + h_att, None
     h_out = torch.addcmul(h_att, base, cam(h_norm))  # one pass instead of a multiply and an add
     return (h_out, *output[1:]) if isinstance(output, tuple) else h_out
 

@@ -124,17 +124,18 @@ def _share_of_step(kwargs: dict, global_batch: bool) -> torch.Tensor | None:
 
 def _open_records(backbone: nn.Module, args: tuple, kwargs: dict) -> None:
     recorder = backbone.hycam_recorder
-    recorder.records, recorder.result = [], None
+    # Generation and evaluation read neither the balance loss nor the router outputs: record nothing then
+    # (holding every layer's outputs until the final norm costs ~3 % of a decoding step).
+    wanted = backbone.training or recorder.want_routing or torch.is_grad_enabled()
+    recorder.records, recorder.result = [] if wanted else None, None
     recorder.mask = kwargs["attention_mask"] if "attention_mask" in kwargs else (args[1] if len(args) > 1 else None)
 
 
 def _attach_balance(norm: nn.Module, args: tuple):
     recorder: RoutingRecorder = norm.hycam_recorder
     records, recorder.records = recorder.records, None
-    if records is None:  # the norm ran outside a backbone forward
+    if records is None:  # nothing wanted (see `_open_records`), or the norm ran outside a backbone forward
         return None
-    if not (norm.training or recorder.want_routing or torch.is_grad_enabled()):
-        return None  # generation, evaluation: nothing would read the balance loss or the router outputs
     if not records:  # shared CAM only: nothing is routed
         recorder.result = {"balance_loss": torch.zeros((), device=args[0].device)}
         return None
