@@ -107,8 +107,7 @@ class HyCAM(nn.Module):
     def _merged_input_weight(self) -> torch.Tensor | None:
         """[W_shared; A; W_router] as one view, while the weights still lie back to back in one storage
         (`.to()`, a deep copy or a DeepSpeed partition may have moved them apart), else None."""
-        # Compiled: storage pointers are Python-level facts a graph cannot hold; the compiler fuses anyway.
-        if not self._inputs or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if not self._inputs:
             return None
         weights = [layer.weight for layer in self._inputs]
         first, end = weights[0], weights[0].data_ptr()
@@ -126,6 +125,7 @@ class HyCAM(nn.Module):
         a weight it came from changes: moved (data pointer) or written in place (version counter, which an
         optimiser step or `load_state_dict` bumps). It costs one more copy of the B_k's size.
         """
+        # Compiled: storage pointers are Python-level facts a graph cannot hold; the compiler fuses anyway.
         if not self._inputs or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return None
         up, mix = self.spec_up, self.spec_down.mix

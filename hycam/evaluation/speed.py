@@ -142,9 +142,9 @@ def stepwise_decode_rates(models: dict[str, nn.Module], ids: torch.Tensor, new_t
     for round_ in range(rounds + 1):
         state, tokens, seconds = {}, {}, dict.fromkeys(models, 0.0)
         for name, model in models.items():
-            cache = static[name] if name in static else generation.new_cache(model)
             if name in static:
-                cache.reset()
+                static[name].reset()
+            cache = static[name] if name in static else generation.new_cache(model)
             extra = generation.cache_arguments(model, cache)
             logits = model(input_ids=ids, cache_position=torch.arange(ids.size(1), device=ids.device), **extra).logits
             state[name] = (extra, logits[:, -1:].argmax(-1))
