@@ -46,6 +46,10 @@ def error_line(capsys) -> str:
     return lines[0]
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "fast: the method's tests, a few seconds each: `python -m pytest -m fast tests`")
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():
     """Tiny models gain nothing from threads, and on a busy machine OpenMP spinning makes them slow."""
