@@ -109,7 +109,7 @@ def load(model: nn.Module, path: str | Path, config: HyCAMConfig | None = None) 
     """
     path = Path(path).expanduser()
     config, weights = _read_checkpoint(model, path, config)
-    names = set(read_tensors(weights, keep=set()))  # reads the header only: a corrupt file stops here
+    read_tensors(weights, keep=set())  # the header only: a corrupt file stops here, before the model changes
     fresh = not is_applied(model)
     if fresh:
         apply(model, config)
@@ -118,8 +118,8 @@ def load(model: nn.Module, path: str | Path, config: HyCAMConfig | None = None) 
                          f"{'; '.join(config.differences(model.hycam_config))} (checkpoint vs model)")
     try:
         params = hycam_parameters(model)
-        _check_names(params, names, weights)
-        _copy_into(params, read_tensors(weights, keep=set(params)), weights)
+        full = weights.name == FULL_WEIGHTS_NAME  # a whole model's state dict: read HyCAM's tensors only
+        copy_verified(params, read_tensors(weights, keep=set(params) if full else None), weights, allow_extra=full)
     except BaseException:
         if fresh:
             remove(model)
@@ -134,7 +134,7 @@ def _read_checkpoint(model: nn.Module, path: Path, config: HyCAMConfig | None) -
         _check_base_model(path / CONFIG_NAME, meta["base_model"], base_model_signature(model))
         return _config_from(path / CONFIG_NAME, meta["hycam_config"]), path / WEIGHTS_NAME
     if (path / PEFT_CONFIG_NAME).is_file():
-        return _config_from(path / PEFT_CONFIG_NAME, _read_json(path / PEFT_CONFIG_NAME)), path / PEFT_WEIGHTS_NAME
+        return _config_from(path / PEFT_CONFIG_NAME, read_json(path / PEFT_CONFIG_NAME)), path / PEFT_WEIGHTS_NAME
     if (path / FULL_WEIGHTS_NAME).is_file() and config is not None:
         return config, path / FULL_WEIGHTS_NAME
     if (path / FULL_WEIGHTS_NAME).is_file():
@@ -148,13 +148,13 @@ def read_config(path: str | Path) -> dict:
     file = Path(path).expanduser() / CONFIG_NAME
     if not file.is_file():
         raise FileNotFoundError(f"no HyCAM checkpoint at {path}: {CONFIG_NAME} is missing")
-    meta = _read_json(file)
+    meta = read_json(file)
     if not {"hycam_config", "base_model"} <= set(meta):
         raise ValueError(f"{file}: expected the keys 'hycam_config' and 'base_model'")
     return meta
 
 
-def _read_json(file: Path) -> dict:
+def read_json(file: Path) -> dict:
     try:
         meta = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -197,19 +197,19 @@ def read_tensors(file: Path, keep: set[str] | None = None) -> dict[str, torch.Te
         raise ValueError(f"{file}: not a readable safetensors file ({err})") from err
 
 
-def _check_names(params: dict[str, nn.Parameter], names: set[str], file: Path) -> None:
-    """The file must hold every HyCAM tensor; only a full state dict may hold others too."""
-    missing = sorted(set(params) - names)
-    unexpected = [] if file.name == FULL_WEIGHTS_NAME else sorted(names - set(params))
+def copy_verified(params: dict[str, nn.Parameter], tensors: dict[str, torch.Tensor], file: Path,
+                  allow_extra: bool = False) -> None:
+    """Copies `tensors[name]` into every `params[name]`, checking first that each parameter has a tensor of
+    its shape and, unless `allow_extra`, that no tensor is left over: a ValueError naming `file` and what
+    differs, and nothing copied. ZeRO-3 partitioned parameters are gathered around the copy (a collective)."""
+    missing = sorted(set(params) - set(tensors))
+    unexpected = [] if allow_extra else sorted(set(tensors) - set(params))
     if missing or unexpected:
         raise ValueError(f"{file} does not match this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-
-
-def _copy_into(params: dict[str, nn.Parameter], tensors: dict[str, torch.Tensor], file: Path) -> None:
     with gathered(list(params.values()), modifier_rank=0):
         wrong = [f"{name} has shape {tuple(tensors[name].shape)}, the model {tuple(param.shape)}"
                  for name, param in params.items() if tensors[name].shape != param.shape]
-        if wrong:  # checked for all before any is copied: a failed load changes nothing
+        if wrong:
             raise ValueError(f"{file}: {'; '.join(wrong[:3])}")
         with torch.no_grad():
             for name, param in params.items():

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 import hycam
-from hycam.checkpoint import (CONFIG_NAME, WEIGHTS_NAME, base_model_signature, gather_tensors, hycam_meta,
-                              read_config, write_checkpoint)
+from hycam.checkpoint import (CONFIG_NAME, WEIGHTS_NAME, base_model_signature, copy_verified, gather_tensors,
+                              hycam_meta, read_config, write_checkpoint)
 from hycam.config import VARIANTS, HyCAMConfig
 
 BASELINES = ("lora", "multilora", "riemoe", "full")
@@ -165,15 +165,5 @@ def _check_variant(path: str | Path, method: str, options: MethodOptions) -> Non
 
 
 def _load_baseline(model: nn.Module, method: str, file: Path) -> nn.Module:
-    params, tensors = saved(model, method), load_file(file)
-    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
-    if missing or unexpected:
-        raise ValueError(f"{file} does not match the {method} model: missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}")
-    with torch.no_grad():
-        for name, param in params.items():
-            if tensors[name].shape != param.shape:
-                raise ValueError(f"{file}: {name} has shape {tuple(tensors[name].shape)}, "
-                                 f"the model {tuple(param.shape)}")
-            param.copy_(tensors[name])
+    copy_verified(saved(model, method), load_file(file), file)
     return model
