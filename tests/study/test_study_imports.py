@@ -4,7 +4,10 @@ edits; nothing else in hycam imports the study."""
 import ast
 from pathlib import Path
 
+import pytest
 from conftest import REPO
+
+pytestmark = pytest.mark.fast  # a second: the structure is checked with every quick edit
 
 STUDY = REPO / "hycam" / "study"
 ORDER = ["methods", "runs", "layout", "settings", "checkout", "base_model", "commands", "sweep", "study", "plan",
