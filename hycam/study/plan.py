@@ -88,7 +88,8 @@ def _run_plan(study: Study, chosen: dict[str, float], method: str, seed: int, li
     lines.append(f"train {run.name if lr else f'{method}_lr?_s{seed}':32} {state}; "
                  f"eval {'done' if evaluated else 'todo'}; retention {'done' if kept else 'todo'}")
     left = 0 if shared or state == "done" else estimate(study, run, "train")
-    return left + (0 if evaluated else estimate(study, run, "eval")) + (0 if kept else estimate(study, run, "retention"))
+    left += 0 if evaluated else estimate(study, run, "eval")
+    return left + (0 if kept else estimate(study, run, "retention"))
 
 
 def planned_minutes(study: Study) -> float:
