@@ -1,48 +1,15 @@
-"""What the units of scripts/reproduce.py run in: the base model's plain copy, a subprocess with this
-checkout's hycam, and the one commit the study runs from."""
+"""What the units run in: a subprocess with this checkout's hycam, and the one commit the study runs from."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "scripts")]
-from reproduce_report import atomic_write  # noqa: E402
-
-
-def save_dequantised(model: str, target: Path) -> None:
-    """The model's fp32 weights and tokenizer as a plain checkpoint, checked to give the same prompt ids
-    and logits as the original before it is moved into place."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from hycam.data import Record, prompt_ids
-    from hycam.data.models import load_model, load_tokenizer
-
-    tokenizer, original = load_tokenizer(model), load_model(model).eval()
-    config = original.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # the weights are fp32 now; transformers refuses to save "quantized" ones
-    plain = AutoModelForCausalLM.from_config(config)
-    plain.load_state_dict(original.state_dict())
-    plain.generation_config = original.generation_config
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    plain.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    probe = Record("probe", "Name three prime numbers.", "", "2, 3 and 5.")
-    ids = prompt_ids(probe, tokenizer, "auto")
-    with torch.no_grad():
-        same = (prompt_ids(probe, load_tokenizer(str(tmp)), "auto") == ids and torch.equal(
-            original(torch.tensor([ids])).logits, load_model(str(tmp)).eval()(torch.tensor([ids])).logits))
-    if not same:
-        raise SystemExit(f"reproduce: the de-quantised copy of {model} in {tmp} differs from the original")
-    tmp.rename(target)
+from hycam.checkpoint import read_json
+from hycam.study.layout import PROVENANCE, REPO, atomic_write
 
 
 def subprocess_runner(argv: list[str], log: Path, threads: int = 2) -> int:
@@ -65,8 +32,8 @@ def check_commit(root: Path, allow_dirty: bool, quick: bool, repo: Path = REPO) 
     """Records the commit in STUDY/provenance.json; a dirty tree, or another commit than the one the study
     started from, stops a study (a smoke run only warns), unless `allow_dirty`, which the record keeps."""
     head, dirty = git_state(repo)
-    file = root / "provenance.json"
-    record = json.loads(file.read_text()) if file.is_file() else {"commit": head, "dirty": False}
+    file = root / PROVENANCE
+    record = read_json(file) if file.is_file() else {"commit": head, "dirty": False}
     problem = ("the checkout has uncommitted changes" if dirty else f"the study started at commit "
                f"{record['commit']}, the checkout is at {head}" if record["commit"] != head else None)
     if problem and not (allow_dirty or quick):

@@ -1,11 +1,10 @@
-"""scripts/reproduce.py and its report on a tiny Llama: the sweep picks, extends and reuses runs, reruns
-skip, seeds share the split and data order, retention and the paired comparison reach the report.
+"""The study (`python -m hycam.study`) and its report on a tiny Llama: the sweep picks, extends and reuses runs,
+reruns skip, seeds share the split and data order, retention and the paired comparison reach the report.
 
-Every unit really runs (main.py, hycam.evaluation.evaluate and .retention, scripts/plot.py), in this process
-to stay fast.
+Every unit really runs (main.py's loop, hycam.evaluation.evaluate and .retention in this process to stay fast;
+scripts/plot.py, no module, through the study's own subprocess runner).
 """
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -17,29 +16,25 @@ import pytest
 import torch
 from conftest import REPO
 
-import main as train
 from hycam.baselines import methods
 from hycam.data import multitask_batches
 from hycam.evaluation import evaluate, retention
+from hycam.study import report
+from hycam.study.__main__ import main as study_main
+from hycam.study.checkout import check_commit, subprocess_runner
+from hycam.study.layout import PREAMBLE
+from hycam.study.methods import family
+from hycam.study.runs import Run
+from hycam.study.settings import Settings
+from hycam.study.study import Study
 from hycam.train.config import parse_args
 from hycam.train.guards import Interrupts
-
-
-def load_script(name: str):
-    """scripts/NAME.py as a module (scripts/ is no package); registered first, as dataclasses need."""
-    spec = importlib.util.spec_from_file_location(f"scripts_{name}", REPO / "scripts" / f"{name}.py")
-    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-reproduce = load_script("reproduce")
-report = sys.modules["reproduce_report"]  # imported by reproduce.py
-plot = load_script("plot")
+from hycam.train.loop import main as train_main
+from hycam.train.loop import setup
 
 
 class InProcess:
-    """Runs the study's commands in this process and remembers them."""
+    """Runs the study's commands in this process (scripts/plot.py in a subprocess) and remembers them."""
 
     def __init__(self) -> None:
         self.calls: list[list[str]] = []
@@ -47,13 +42,13 @@ class InProcess:
     def __call__(self, argv: list[str], log) -> int:
         self.calls.append(argv)
         args = argv[1:]
+        if args[0] == "scripts/plot.py":
+            return subprocess_runner(argv, log, threads=1)
         with log.open("w") as out, redirect_stdout(out), redirect_stderr(out):
             try:
                 if args[0] == "main.py":
-                    train.main(args[1:])
+                    train_main(args[1:])
                     return 0
-                if args[0] == "scripts/plot.py":
-                    return plot.main(args[1:])
                 if args[1] == "hycam.evaluation.retention":
                     return retention.main(args[2:])
                 return evaluate.main(args[2:])
@@ -79,7 +74,7 @@ def short_data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def settings(tiny_model_dir, short_data):
-    return reproduce.Settings(model=str(tiny_model_dir), data=str(short_data), methods=["hycam", "shared_only", "lora"],
+    return Settings(model=str(tiny_model_dir), data=str(short_data), methods=["hycam", "shared_only", "lora"],
                               seeds=[2333, 7], data_seed=11, lr_grid={"hycam": [3e-2, 1e-2], "lora": [1e-2]},
                               lr_extensions=1, max_length=512, steps=2, eval_interval=1, val_records=2,
                               test_records=2, generate_records=1, max_new_tokens=4, eval_batch_size=4,
@@ -90,7 +85,7 @@ def settings(tiny_model_dir, short_data):
 def done(settings, tmp_path_factory):
     """A whole tiny study, run once: (study, runner)."""
     runner = InProcess()
-    study = reproduce.Study(tmp_path_factory.mktemp("study"), settings, runner)
+    study = Study(tmp_path_factory.mktemp("study"), settings, runner)
     study.run_all()
     assert study.failures == []
     return study, runner
@@ -102,7 +97,7 @@ def summary_loss(study, run) -> float:
 
 def test_the_sweep_extends_its_grid_past_the_better_edge_and_chooses_the_lowest_loss(done):
     study, _ = done
-    first = [summary_loss(study, reproduce.Run("hycam", lr, 2333)) for lr in (1e-2, 3e-2)]
+    first = [summary_loss(study, Run("hycam", lr, 2333)) for lr in (1e-2, 3e-2)]
     added = 9e-2 if first[1] < first[0] else 3.33e-3  # one step of the grid's ratio beyond the better edge
     runs = study.sweep_runs()["hycam"]
     assert [run.lr for run in runs] == sorted([1e-2, 3e-2, added])
@@ -115,7 +110,7 @@ def test_the_sweep_extends_its_grid_past_the_better_edge_and_chooses_the_lowest_
 def test_every_method_and_seed_trains_once_at_its_familys_lr_and_is_evaluated(done):
     study, runner = done
     lrs = study.chosen_lrs()
-    expected = {f"{m}_lr{lrs[reproduce.family(m)]:g}_s{seed}" for m in ("hycam", "shared_only", "lora")
+    expected = {f"{m}_lr{lrs[family(m)]:g}_s{seed}" for m in ("hycam", "shared_only", "lora")
                 for seed in (2333, 7)}
     assert {run.name for run in study.main_runs()} == expected
     sweep = {run.name for runs in study.sweep_runs().values() for run in runs}
@@ -128,15 +123,15 @@ def test_every_method_and_seed_trains_once_at_its_familys_lr_and_is_evaluated(do
 def test_a_rerun_of_a_finished_study_runs_nothing(done):
     study, _ = done
     again = InProcess()
-    reproduce.Study(study.root, study.settings, again).run_all()
+    Study(study.root, study.settings, again).run_all()
     assert again.calls == []
 
 
 def test_an_interrupted_run_continues_from_its_resume_state(settings, tmp_path):
     runner = InProcess()
-    study = reproduce.Study(tmp_path, settings, runner)
-    run = reproduce.Run("hycam", 1e-3, 2333)
-    train.main(study.train_argv(run)[2:] + ["--halt_after_steps", "1"])
+    study = Study(tmp_path, settings, runner)
+    run = Run("hycam", 1e-3, 2333)
+    train_main(study.train_argv(run)[2:] + ["--halt_after_steps", "1"])
     assert study.status(run) == "resume"
     assert study.train(run)
     assert runner.calls[0][-2:] == ["--resume", "true"]
@@ -147,8 +142,8 @@ def test_an_interrupted_run_continues_from_its_resume_state(settings, tmp_path):
 
 def test_a_run_stopped_before_its_first_validation_starts_again(settings, tmp_path):
     runner = InProcess()
-    study = reproduce.Study(tmp_path, settings, runner)
-    run = reproduce.Run("lora", 1e-3, 2333)
+    study = Study(tmp_path, settings, runner)
+    run = Run("lora", 1e-3, 2333)
     study.run_dir(run).mkdir(parents=True)
     (study.run_dir(run) / "metrics.jsonl").write_text('{"step": 1, "split": "train", "loss": 1.0}\n')
     assert study.train(run)
@@ -157,9 +152,9 @@ def test_a_run_stopped_before_its_first_validation_starts_again(settings, tmp_pa
 
 
 def test_a_study_dir_refuses_other_settings(settings, tmp_path):
-    reproduce.Study(tmp_path, settings).check_settings()
+    Study(tmp_path, settings).check_settings()
     with pytest.raises(SystemExit, match="steps"):
-        reproduce.Study(tmp_path, replace(settings, steps=3)).check_settings()
+        Study(tmp_path, replace(settings, steps=3)).check_settings()
 
 
 def test_the_report_keeps_the_preamble_and_marks_a_smoke_run(done, tmp_path):
@@ -167,7 +162,7 @@ def test_the_report_keeps_the_preamble_and_marks_a_smoke_run(done, tmp_path):
     results = tmp_path / "docs" / "RESULTS.md"
     results.parent.mkdir()
     results.write_text("# My study\n\nWritten by hand.\n\n" + report.MARKER + "\n\nSmoke run: old numbers\n")
-    smoke = reproduce.Study(study.root, replace(study.settings, quick=True))
+    smoke = Study(study.root, replace(study.settings, quick=True))
     report.publish(smoke, results)
     text = results.read_text()
     assert text.startswith("# My study\n\nWritten by hand.\n\n" + report.MARKER)
@@ -181,17 +176,17 @@ def test_a_smoke_run_does_not_replace_the_studys_report(done, tmp_path):
     results = tmp_path / "RESULTS.md"
     report.publish(study, results)
     full = results.read_text()
-    report.publish(reproduce.Study(study.root, replace(study.settings, quick=True)), results)
+    report.publish(Study(study.root, replace(study.settings, quick=True)), results)
     assert results.read_text() == full
 
 
 def test_seeds_share_the_split_and_data_order_and_differ_in_the_init(settings, tmp_path):
-    study = reproduce.Study(tmp_path, settings)
+    study = Study(tmp_path, settings)
     setups = []
     for seed in (2333, 7):
-        cfg = parse_args(study.train_argv(reproduce.Run("hycam", 1e-3, seed))[2:])
-        study.run_dir(reproduce.Run("hycam", 1e-3, seed)).mkdir(parents=True)
-        setups.append((cfg, train.setup(cfg, 0, 1, lambda msg: None, Interrupts(), record=True)))
+        cfg = parse_args(study.train_argv(Run("hycam", 1e-3, seed))[2:])
+        study.run_dir(Run("hycam", 1e-3, seed)).mkdir(parents=True)
+        setups.append((cfg, setup(cfg, 0, 1, lambda msg: None, Interrupts(), record=True)))
     (cfg_a, a), (cfg_b, b) = setups
     assert (cfg_a.split_seed, cfg_b.split_seed) == (11, 11)
     assert a.splits == b.splits
@@ -247,16 +242,16 @@ def test_a_study_refuses_a_dirty_tree_and_another_commit(tmp_path):
     for args in (["init", "-q"], ["add", "a.txt"], ["commit", "-qm", "one"]):
         subprocess.run(git + args, check=True)
     study = tmp_path / "study"
-    reproduce.check_commit(study, allow_dirty=False, quick=False, repo=repo)
+    check_commit(study, allow_dirty=False, quick=False, repo=repo)
     head = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     assert json.loads((study / "provenance.json").read_text()) == {"commit": head, "dirty": False}
     (repo / "a.txt").write_text("two\n")
     with pytest.raises(SystemExit, match="uncommitted changes"):
-        reproduce.check_commit(study, allow_dirty=False, quick=False, repo=repo)
+        check_commit(study, allow_dirty=False, quick=False, repo=repo)
     subprocess.run(git + ["commit", "-qam", "two"], check=True)
     with pytest.raises(SystemExit, match=f"started at commit {head}"):
-        reproduce.check_commit(study, allow_dirty=False, quick=False, repo=repo)
-    reproduce.check_commit(study, allow_dirty=True, quick=False, repo=repo)  # allowed, and recorded as such
+        check_commit(study, allow_dirty=False, quick=False, repo=repo)
+    check_commit(study, allow_dirty=True, quick=False, repo=repo)  # allowed, and recorded as such
     assert json.loads((study / "provenance.json").read_text()) == {"commit": head, "dirty": True}
 
 
@@ -265,9 +260,31 @@ def test_a_pending_preamble_is_replaced_by_a_full_studys_report_only(done, tmp_p
     results = tmp_path / "RESULTS.md"
     old = "# Old design\n\n" + report.PENDING + "\n\n" + report.MARKER + "\n\nSmoke run: old numbers\n"
     results.write_text(old)
-    report.publish(reproduce.Study(study.root, replace(study.settings, quick=True)), results)
+    report.publish(Study(study.root, replace(study.settings, quick=True)), results)
     assert results.read_text().startswith("# Old design\n\n" + report.PENDING)
     report.publish(study, results)
     text = results.read_text()
-    assert text.startswith((REPO / "scripts" / "results_preamble.md").read_text().rstrip() + "\n\n" + report.MARKER)
+    assert text.startswith(PREAMBLE.read_text().rstrip() + "\n\n" + report.MARKER)
     assert report.PENDING not in text and "| HyCAM vs |" in text
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_the_command_plans_a_new_study_and_runs_nothing(quick, tmp_path):
+    root = tmp_path / "study"
+    argv = [sys.executable, "-m", "hycam.study", "--plan", "--study_dir", str(root)] + (["--quick"] if quick else [])
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == f"sweep {'hycam_lr0.001_s2333':32} todo"
+    assert "retention base model todo" in lines
+    trained = [line for line in lines if line.startswith("train ")]
+    assert len(trained) == (9 if quick else 4 * 2)
+    assert lines[-1].startswith("estimated time left on an idle 2-core machine: ")
+    assert not root.exists()
+
+
+def test_the_report_alone_refuses_a_study_dir_of_other_settings(done, tmp_path):
+    study, _ = done
+    with pytest.raises(SystemExit, match="planned with other settings"):
+        study_main(["--report_only", "--study_dir", str(study.root), "--results", str(tmp_path / "RESULTS.md")])
+    assert not (tmp_path / "RESULTS.md").exists()
