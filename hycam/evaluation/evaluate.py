@@ -25,6 +25,7 @@ import torch
 
 from hycam import files
 from hycam.data import DataError
+from hycam.data.prompts import TEMPLATES
 from hycam.evaluation import tables
 from hycam.evaluation.loading import load_model_for, read_checkpoint
 from hycam.evaluation.precision import bf16_is_fast
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                        ("limit", "at most this many records per task"),
                        ("generate_limit", "of those, at most this many generated per task (default: all)")):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(EvalOptions, name), help=text)
-    parser.add_argument("--template", choices=("auto", "chat", "plain", "authors"), default=None,
+    parser.add_argument("--template", choices=TEMPLATES, default=None,
                         help="prompt template (default: the run's)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     return parser
