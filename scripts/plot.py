@@ -20,19 +20,21 @@ from pathlib import Path
 import torch
 
 import hycam
-from hycam.evaluation import evaluate, plots
 from hycam.data import Record, prompt_ids, tokenize_records
-from hycam.evaluation.evaluate import EvalOptions, UsageError
+from hycam.evaluation import loss_curves, plots
+from hycam.evaluation.loading import load_model_for, read_checkpoint
+from hycam.evaluation.selection import (SPLITS, EvalOptions, UsageError, read_tasks, resolve_options, select_records,
+                                        task_files)
 
 
 def loss(args: argparse.Namespace) -> dict:
-    return {"png": str(plots.plot_loss_curves(args.run_dirs, args.out, args.band))}
+    return {"png": str(loss_curves.plot_loss_curves(args.run_dirs, args.out, args.band))}
 
 
 def modulation(args: argparse.Namespace) -> dict:
-    recorded = evaluate.recorded_settings(args.checkpoint)
-    template = evaluate.resolve_options(EvalOptions(split="all"), recorded, args.checkpoint).template
-    model, tokenizer, _ = evaluate.load_checkpoint(args.checkpoint, args.base_model, args.device)
+    checkpoint = read_checkpoint(args.checkpoint)
+    template = resolve_options(EvalOptions(split="all"), checkpoint.recorded, args.checkpoint).template
+    model, tokenizer = load_model_for(checkpoint, args.base_model, args.device)
     ids = (tokenizer(args.prompt)["input_ids"] if args.raw
            else prompt_ids(Record("prompt", args.prompt, "", "-"), tokenizer, template))
     weights = plots.modulation_weights(model, torch.tensor([ids]), args.layer)
@@ -43,13 +45,14 @@ def modulation(args: argparse.Namespace) -> dict:
 
 def _examples_by_task(args: argparse.Namespace):
     """The model, the pad id and the tokenised records of each task, chosen like hycam-eval."""
-    recorded = evaluate.recorded_settings(args.checkpoint)
+    checkpoint = read_checkpoint(args.checkpoint)
+    recorded = checkpoint.recorded
     chosen = EvalOptions(split=args.split, seed=args.seed, limit=args.limit)
-    options = evaluate.resolve_options(chosen, recorded, args.checkpoint, tasks_given=bool(args.tasks))
-    records = evaluate.read_tasks(evaluate.task_files(args.tasks, recorded), recorded)
-    model, tokenizer, _ = evaluate.load_checkpoint(args.checkpoint, args.base_model, args.device)
+    options = resolve_options(chosen, recorded, args.checkpoint, tasks_given=bool(args.tasks))
+    records = read_tasks(task_files(args.tasks, recorded), recorded)
+    model, tokenizer = load_model_for(checkpoint, args.base_model, args.device)
     by_task = {}
-    for task, task_records in evaluate.select_records(records, options).items():
+    for task, task_records in select_records(records, options).items():
         by_task[task] = tokenize_records(task_records, tokenizer, options.max_length, options.template)[0]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return model, pad, by_task
@@ -86,7 +89,7 @@ def _model_args(sub: argparse.ArgumentParser) -> None:
 
 def _record_args(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--tasks", nargs="+", default=None, help="task files or folders (default: the run's)")
-    sub.add_argument("--split", choices=evaluate.SPLITS, default=None,
+    sub.add_argument("--split", choices=SPLITS, default=None,
                      help="default: all of --tasks, else the run's test split (as hycam-eval)")
     sub.add_argument("--seed", type=int, default=None, help="split seed (default: the run's)")
     sub.add_argument("--limit", type=int, default=None, help="records per task")
@@ -98,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     sub = commands.add_parser("loss", help="training/validation loss of runs, spread across seeds")
     sub.add_argument("run_dirs", nargs="+", help="run dirs with run_config.json and metrics.jsonl")
-    sub.add_argument("--band", choices=plots.BANDS, default="minmax", help="min-max or ±std across seeds")
+    sub.add_argument("--band", choices=loss_curves.BANDS, default="minmax", help="min-max or ±std across seeds")
     sub.set_defaults(run=loss)
     sub = commands.add_parser("modulation", help="A_fusion of one layer for one prompt")
     _model_args(sub)

@@ -138,9 +138,10 @@ def method_options(meta: dict, path: str | Path) -> MethodOptions:
         raise ValueError(f"{Path(path) / METHOD_FILE}: 'options' does not fit MethodOptions ({err})") from None
 
 
-def load_into(model: nn.Module, path: str | Path) -> nn.Module:
-    """Prepares `model` for the checkpoint's method and loads its weights; returns the model."""
-    meta = read_method(path)
+def load_into(model: nn.Module, path: str | Path, meta: dict | None = None) -> nn.Module:
+    """Prepares `model` for the checkpoint's method and loads its weights; returns the model.
+    `meta`: its method.json where the caller has read it already (`read_method`)."""
+    meta = read_method(path) if meta is None else meta
     if meta["base_model"] != base_model_signature(model):
         raise ValueError(f"{path} was trained on base model {meta['base_model']}, not on {base_model_signature(model)}")
     options = method_options(meta, path)

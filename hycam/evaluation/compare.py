@@ -4,7 +4,7 @@
 
 Each path is a result JSON (`results.json` of `hycam-eval`), a folder holding one, a checkpoint
 dir (`method.json`) or a run dir (its `best` checkpoint, or its only one). A checkpoint without
-`eval-SPLIT/results.json` is evaluated first by `hycam-eval`, with the evaluation options given
+`eval-SPLIT/results.json` is evaluated first, as `hycam-eval` does it, with the evaluation options given
 here (by default on the run's own task files). The tables (`hycam.evaluation.tables`) show mean ± std over
 seeds, the best in bold and * where Welch's two-sided t-test of the best method against the best
 baseline gives p < 0.05. Default baselines: the paper's (`hycam.baselines.methods.BASELINES`) among the
@@ -16,10 +16,32 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from hycam import files
+from hycam.baselines.methods import BASELINES
+from hycam.data import DataError
 from hycam.evaluation import evaluate, tables
-from hycam.baselines.methods import BASELINES, METHOD_FILE
+from hycam.evaluation.selection import SPLITS, EvalOptions, UsageError
+
+COMPARISON_MD, COMPARISON_JSON = "comparison.md", "comparison.json"
+FORWARDED = ("limit", "max_length", "max_new_tokens", "batch_size")
+"""The EvalOptions a comparison takes as flags (with --tasks, --base-model and --device) for the evaluations it runs."""
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """How a comparison evaluates a checkpoint that has no results yet: as hycam-eval would."""
+
+    tasks: list[str] | None = None
+    """Task files to score; None: the run's own."""
+    base_model: str | None = None
+    """The base model; None: the run's."""
+    device: str = "cpu"
+    """Where the model runs."""
+    options: EvalOptions = field(default_factory=EvalOptions)
+    """Records and decoding; the comparison's split replaces its split."""
 
 
 class CompareError(Exception):
@@ -29,32 +51,42 @@ class CompareError(Exception):
 def checkpoint_dir(path: Path) -> Path | None:
     """The checkpoint in `path`: itself, else its `best` (early stopping's pick, as in the paper),
     else its only subfolder with a method.json."""
-    if (path / METHOD_FILE).is_file():
+    if (path / files.METHOD).is_file():
         return path
-    if (path / "best" / METHOD_FILE).is_file():
-        return path / "best"
-    found = sorted(sub for sub in path.iterdir() if (sub / METHOD_FILE).is_file()) if path.is_dir() else []
+    if (path / files.BEST / files.METHOD).is_file():
+        return path / files.BEST
+    found = sorted(sub for sub in path.iterdir() if (sub / files.METHOD).is_file()) if path.is_dir() else []
     if len(found) > 1:
         raise CompareError(f"{path} holds several checkpoints ({', '.join(p.name for p in found)}); name one")
     return found[0] if found else None
 
 
-def result_file(path: str | Path, split: str, eval_args: list[str]) -> Path:
+def result_file(path: str | Path, split: str, evaluation: Evaluation) -> Path:
     """The result JSON behind `path`, evaluating its checkpoint first when it has none."""
     path = Path(path)
     if path.is_file():
         return path
-    if (path / "results.json").is_file():
-        return path / "results.json"
+    if (path / files.RESULTS).is_file():
+        return path / files.RESULTS
     checkpoint = checkpoint_dir(path) if path.is_dir() else None
     if checkpoint is None:
         raise CompareError(f"{path}: neither a result JSON nor a folder with results.json or a checkpoint")
-    result = checkpoint / f"eval-{split}" / "results.json"
-    if not result.is_file():
+    out = evaluate.default_output_dir(checkpoint, split)
+    if not (out / files.RESULTS).is_file():
         print(f"evaluating {checkpoint} ...", file=sys.stderr)
-        if evaluate.main(["--checkpoint", str(checkpoint), "--split", split, *eval_args]) != 0:
-            raise CompareError(f"{checkpoint}: evaluation failed (see the error above)")
-    return result
+        evaluate_into(out, checkpoint, split, evaluation)
+    return out / files.RESULTS
+
+
+def evaluate_into(out: Path, checkpoint: Path, split: str, evaluation: Evaluation) -> None:
+    """hycam-eval of `checkpoint` on `split`, written to `out` and reported as hycam-eval reports it."""
+    try:
+        result, generations = evaluate.run(str(checkpoint), evaluation.base_model, evaluation.tasks,
+                                           replace(evaluation.options, split=split), evaluation.device)
+    except (UsageError, DataError) as err:
+        print(f"hycam-eval: error: {err}", file=sys.stderr)
+        raise CompareError(f"{checkpoint}: evaluation failed (see the error above)") from err
+    evaluate.report(result, generations, out)
 
 
 def default_baselines(results: list[dict]) -> list[str] | None:
@@ -63,11 +95,11 @@ def default_baselines(results: list[dict]) -> list[str] | None:
 
 
 def compare(paths: list[str], output_dir: str | Path, baselines: list[str] | None = None, split: str = "test",
-            eval_args: list[str] | None = None) -> str:
+            evaluation: Evaluation = Evaluation()) -> str:
     """Writes comparison.md and comparison.json (the `tables.summarize` numbers); returns the tables."""
-    files = [result_file(p, split, eval_args or []) for p in paths]
+    found = [result_file(p, split, evaluation) for p in paths]
     try:
-        results = tables.load_results(files)
+        results = tables.load_results(found)
         baselines = baselines or default_baselines(results)
         summary = tables.summarize(results, baselines)
         markdown = (f"## Averaged over tasks\n\n{tables.markdown_overall(results, baselines)}\n"
@@ -76,30 +108,32 @@ def compare(paths: list[str], output_dir: str | Path, baselines: list[str] | Non
         raise CompareError(str(err)) from err
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    runs = [{"method": r["method"], "seed": r["seed"], "file": str(f.resolve())} for r, f in zip(results, files)]
-    (out / "comparison.json").write_text(json.dumps({"baselines": baselines, "runs": runs, **summary}, indent=2) + "\n")
-    (out / "comparison.md").write_text(markdown)
+    runs = [{"method": r["method"], "seed": r["seed"], "file": str(f.resolve())} for r, f in zip(results, found)]
+    (out / COMPARISON_JSON).write_text(json.dumps({"baselines": baselines, "runs": runs, **summary}, indent=2) + "\n")
+    (out / COMPARISON_MD).write_text(markdown)
     return markdown
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m hycam.evaluation.compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", help="result JSONs, eval folders, checkpoint or run dirs")
     parser.add_argument("--out", required=True, help="folder for comparison.md and comparison.json")
     parser.add_argument("--baselines", nargs="+", default=None, help="methods the best one is tested against")
-    parser.add_argument("--split", choices=evaluate.SPLITS, default="test")
-    forwarded = ("tasks", "base_model", "device", "limit", "max_length", "max_new_tokens", "batch_size")
+    parser.add_argument("--split", choices=SPLITS, default="test")
     parser.add_argument("--tasks", nargs="+", default=None, help="task files, to evaluate checkpoints without results")
-    for name in forwarded[1:]:
-        parser.add_argument("--" + name.replace("_", "-"), default=None, help="passed on to hycam-eval")
-    args = parser.parse_args(argv)
-    eval_args: list[str] = []
-    for name in forwarded:
-        value = getattr(args, name)
-        if value is not None:
-            eval_args += ["--" + name.replace("_", "-"), *(value if isinstance(value, list) else [value])]
+    parser.add_argument("--base-model", default=None, help="passed on to hycam-eval")
+    parser.add_argument("--device", default="cpu", help="passed on to hycam-eval")
+    for name in FORWARDED:
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=None, help="passed on to hycam-eval")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    given = {name: getattr(args, name) for name in FORWARDED if getattr(args, name) is not None}
+    evaluation = Evaluation(args.tasks, args.base_model, args.device, EvalOptions(**given))
     try:
-        print(compare(args.paths, args.out, args.baselines, args.split, eval_args))
+        print(compare(args.paths, args.out, args.baselines, args.split, evaluation))
     except CompareError as err:
         print(f"hycam.evaluation.compare: error: {err}", file=sys.stderr)
         return 2

@@ -8,7 +8,6 @@ deterministic routing (HyCAM's default at eval) the same model and data give the
 from __future__ import annotations
 
 import inspect
-from collections import defaultdict
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -55,16 +54,6 @@ def record_nll(model: nn.Module, examples: Sequence[dict], pad_token_id: int, ba
             nll = F.cross_entropy(logits[row, :-1].float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
             scores[index] = (float(nll), int((target != IGNORE_INDEX).sum()))
     return scores
-
-
-def response_nll(model: nn.Module, examples: Sequence[dict], pad_token_id: int, batch_size: int = 4,
-                 progress: bool = False) -> dict[str, tuple[float, int]]:
-    """Per task: the summed NLL of every response token of its examples, and how many there were."""
-    totals: dict[str, list] = defaultdict(lambda: [0.0, 0])
-    for example, (nll, count) in zip(examples, record_nll(model, examples, pad_token_id, batch_size, progress)):
-        totals[example["task"]][0] += nll
-        totals[example["task"]][1] += count
-    return {task: (nll, count) for task, (nll, count) in totals.items()}
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> dict[str, torch.Tensor]:

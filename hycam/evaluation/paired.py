@@ -34,7 +34,7 @@ class RecordScores:
     """One method's response NLL on a fixed list of records, for each of its seeds."""
 
     ids: list[str]
-    """Record ids (hycam-eval's `record_id`), in order: two methods are compared only on the same ids."""
+    """Record ids (`hycam.evaluation.scoring.record_id`), in order: two methods are compared only on the same ids."""
     tasks: list[str]
     """The task of each record."""
     tokens: np.ndarray

@@ -1,17 +1,16 @@
-"""The figures of the paper's analysis and of training, as PNG files.
+"""The figures of the paper's analysis of a trained model, as PNG files (training's loss curves are
+`loss_curves`').
 
-Four figures: loss curves of several runs with their seed spread; the modulation weights A_fusion
-of one layer for one prompt; expert utilisation per task and layer; a t-SNE of attention outputs
-with and without CAM. Each has a function that measures (a forward pass with hooks that live only
-inside it) and one that draws. Drawing uses matplotlib's `Figure` on an Agg canvas, never
-pyplot, so importing this module changes no global backend.
+Three figures: the modulation weights A_fusion of one layer for one prompt; expert utilisation per
+task and layer; a t-SNE of attention outputs with and without CAM. Each has a function that
+measures (a forward pass with hooks that live only inside it), one that draws the figure and one
+that saves it. Drawing uses matplotlib's `Figure` on an Agg canvas, never pyplot, so importing
+this module changes no global backend.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,85 +23,6 @@ from torch import nn
 
 from hycam.data import collate
 from hycam.inject import decoder_layers
-
-BANDS = ("minmax", "std")
-
-
-# ---- loss curves ----------------------------------------------------------------------------------
-
-def read_run(run_dir: str | Path) -> tuple[str, int, list[dict]]:
-    """(method, seed, metrics.jsonl rows) of a run dir written by main.py."""
-    run_dir = Path(run_dir)
-    config_file, metrics_file = run_dir / "run_config.json", run_dir / "metrics.jsonl"
-    for file in (config_file, metrics_file):
-        if not file.is_file():
-            raise FileNotFoundError(f"{run_dir} is not a run dir: {file.name} is missing")
-    config = json.loads(config_file.read_text())
-    rows = []
-    for number, line in enumerate(metrics_file.read_text().splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{metrics_file}, line {number}: malformed JSON ({err.msg})") from err
-    return config["method"], int(config["seed"]), rows
-
-
-def loss_curves(run_dirs: Sequence[str | Path]) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """method -> split -> (steps, loss[seed, step]), NaN where a seed logged nothing at a step
-    (a run stopped early); the last row of a (seed, split, step) counts."""
-    logged: dict[str, dict[str, dict[int, dict[int, float]]]] = defaultdict(lambda: defaultdict(dict))
-    for run_dir in run_dirs:
-        method, seed, rows = read_run(run_dir)
-        for row in rows:
-            if row.get("split") in ("train", "validation") and "loss" in row:
-                logged[method][row["split"]].setdefault(seed, {})[int(row["step"])] = float(row["loss"])
-    curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
-    for method, splits in logged.items():
-        curves[method] = {}
-        for split, by_seed in splits.items():
-            steps = np.array(sorted(set().union(*by_seed.values())))
-            values = np.array([[losses.get(s, np.nan) for s in steps] for losses in by_seed.values()])
-            curves[method][split] = (steps, values)  # (steps,), (seeds, steps)
-    return curves
-
-
-def smooth(values: np.ndarray, window: int) -> np.ndarray:
-    """Trailing moving average over the last `window` points (fewer at the start), NaNs skipped."""
-    out = np.full(len(values), np.nan)
-    for i in range(len(values)):
-        part = values[max(0, i - window + 1):i + 1]
-        if np.isfinite(part).any():
-            out[i] = np.nanmean(part)
-    return out
-
-
-def plot_loss_curves(run_dirs: Sequence[str | Path], path: str | Path, band: str = "minmax") -> Path:
-    """Training loss per method (mean over seeds; raw faint, a moving average over a sixth of the run
-    bold) and validation loss (mean with markers, and a min-max or ±std band across seeds)."""
-    if band not in BANDS:
-        raise ValueError(f"band must be one of {BANDS}, got {band!r}")
-    curves = loss_curves(run_dirs)
-    fig = Figure(figsize=(12, 4.5), layout="constrained")
-    for ax, split in zip(fig.subplots(1, 2), ("train", "validation")):
-        for method, splits in curves.items():
-            if split not in splits:
-                continue
-            steps, values = splits[split]
-            mean = np.nanmean(values, axis=0)
-            label = f"{method} ({values.shape[0]} seeds)"
-            if split == "train":
-                line, = ax.plot(steps, smooth(mean, max(1, len(steps) // 6)), label=label, linewidth=1.8)
-                ax.plot(steps, mean, color=line.get_color(), alpha=0.2, linewidth=0.8)
-                continue
-            low, high = ((np.nanmin(values, axis=0), np.nanmax(values, axis=0)) if band == "minmax"
-                         else (mean - np.nanstd(values, axis=0), mean + np.nanstd(values, axis=0)))
-            line, = ax.plot(steps, mean, marker="o", markersize=4, label=label)
-            ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
-        title = "training loss (moving average; raw faint)" if split == "train" else "validation loss"
-        ax.set(title=title, xlabel="optimizer step", ylabel="loss (nats/token)")
-        ax.legend(fontsize="small")
-    return _save(fig, path)
 
 
 # ---- modulation weights ---------------------------------------------------------------------------
@@ -134,6 +54,10 @@ def plot_modulation(weights: torch.Tensor, tokens: Sequence[str], path: str | Pa
 
     `max_dims` keeps the dims of largest mean |A| (the most modulated), in their original order.
     """
+    return save_figure(modulation_figure(weights, tokens, layer, max_dims), path)
+
+
+def modulation_figure(weights: torch.Tensor, tokens: Sequence[str], layer: int, max_dims: int | None = None) -> Figure:
     values = weights.numpy()
     dims = np.arange(values.shape[1])
     if max_dims is not None and max_dims < len(dims):
@@ -148,7 +72,7 @@ def plot_modulation(weights: torch.Tensor, tokens: Sequence[str], path: str | Pa
     ax.set(xlabel="hidden dim" if max_dims is None else f"hidden dim (top {len(dims)} by mean |A|, index order)",
            title=f"A_fusion of layer {layer}")
     fig.colorbar(image, ax=ax, label="modulation weight")
-    return _save(fig, path)
+    return fig
 
 
 # ---- expert utilisation ---------------------------------------------------------------------------
@@ -215,6 +139,11 @@ def _layer_ticks(ax, labels: Sequence, most: int) -> None:
 
 
 def plot_expert_utilisation(stats: dict[str, dict], path: str | Path, layers: Sequence[int] | None = None) -> Path:
+    """`expert_figure` as a PNG file."""
+    return save_figure(expert_figure(stats, layers), path)
+
+
+def expert_figure(stats: dict[str, dict], layers: Sequence[int] | None = None) -> Figure:
     """How routing differs between tasks. Top: per layer, the Jensen-Shannon divergence between tasks'
     mean-gate distributions (mean over pairs) and of each task from all tasks' routing. Below, one map per
     task: its mean gate minus all tasks' mean gate (layer x expert), on one colour scale centred on 0."""
@@ -241,7 +170,7 @@ def plot_expert_utilisation(stats: dict[str, dict], path: str | Path, layers: Se
         _layer_ticks(ax, labels, 6)
     axes[0].set_ylabel("expert")
     bottom.colorbar(image, ax=list(axes), label="mean gate minus all tasks' mean gate")
-    return _save(fig, path)
+    return fig
 
 
 # ---- t-SNE of attention outputs -------------------------------------------------------------------
@@ -272,8 +201,15 @@ def pooled_attention_outputs(model: nn.Module, examples: Sequence[dict], layer: 
 
 def plot_tsne(panels: dict[str, np.ndarray], tasks: Sequence[str], path: str | Path,
               seed: int = 0) -> dict[str, float | None]:
-    """One t-SNE panel per feature set, points coloured by task; returns each set's silhouette score
-    by task (on the features themselves, cosine; higher = tighter task clusters), None if undefined."""
+    """`tsne_figure` as a PNG file; returns its silhouette scores."""
+    fig, scores = tsne_figure(panels, tasks, seed)
+    save_figure(fig, path)
+    return scores
+
+
+def tsne_figure(panels: dict[str, np.ndarray], tasks: Sequence[str], seed: int = 0) -> tuple[Figure, dict]:
+    """One t-SNE panel per feature set, points coloured by task, and each set's silhouette score by task
+    (on the features themselves, cosine; higher = tighter task clusters), None if undefined."""
     from sklearn.manifold import TSNE
     from sklearn.metrics import silhouette_score
 
@@ -291,13 +227,17 @@ def plot_tsne(panels: dict[str, np.ndarray], tasks: Sequence[str], path: str | P
         score = "n/a" if scores[title] is None else f"{scores[title]:.3f}"
         ax.set(title=f"{title} (silhouette {score})", xticks=[], yticks=[])
         ax.legend(fontsize="small", markerscale=1.5)
-    _save(fig, path)
-    return scores
+    return fig, scores
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
+DPI = 120
+"""Dots per inch of every saved figure."""
+
+
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """`fig` as a PNG of `DPI` dots per inch at `path` (its folder made); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)  # the figure draws on Agg, whatever pyplot's backend is
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=DPI)
     return path

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import bz2
-import hashlib
 import json
 import re
 import sys
@@ -26,6 +25,9 @@ from pathlib import Path
 from torch import nn
 
 from hycam.evaluation.generation import record_nll
+from hycam.evaluation.loading import load_model_for, read_checkpoint
+from hycam.evaluation.scoring import record_id
+from hycam.evaluation.selection import UsageError
 
 DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 MARKUP = re.compile(r"[{}|<>\[\]=]|https?:")
@@ -80,7 +82,7 @@ def score_texts(model: nn.Module, tokenizer, texts: list[str], max_length: int, 
     """Per text: the summed NLL of its tokens after the first, and their number (hycam-eval's record rows)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     scores = record_nll(model.eval(), text_examples(texts, tokenizer, max_length), pad, batch_size)
-    return [{"task": "general", "id": hashlib.sha1(text.encode()).hexdigest()[:12], "nll": nll, "tokens": tokens}
+    return [{"task": "general", "id": record_id(text), "nll": nll, "tokens": tokens}
             for text, (nll, tokens) in zip(texts, scores)]
 
 
@@ -98,20 +100,16 @@ def read_texts(path: Path) -> list[str]:
 
 def score(args: argparse.Namespace) -> dict:
     """The result record of one model: method, seed, records and the token-level mean NLL."""
-    from hycam.data.models import load_model, load_tokenizer
-    from hycam.evaluation import evaluate
-
     if (args.checkpoint is None) == (args.base_model is None):
         raise SystemExit("retention score: pass exactly one of --checkpoint and --base-model")
-    if args.checkpoint:
-        try:
-            recorded = evaluate.recorded_settings(args.checkpoint)
-            model, tokenizer, _ = evaluate.load_checkpoint(args.checkpoint, None, "cpu")
-        except evaluate.UsageError as err:
-            raise SystemExit(f"retention score: {err}") from err
-        method, seed = args.label or recorded["method"], recorded.get("seed")
-    else:
-        model, tokenizer, method, seed = load_model(args.base_model), load_tokenizer(args.base_model), "base", None
+    try:
+        checkpoint = read_checkpoint(args.checkpoint) if args.checkpoint else None
+        model, tokenizer = load_model_for(checkpoint, args.base_model)
+    except UsageError as err:
+        raise SystemExit(f"retention score: {err}") from err
+    recorded = checkpoint.recorded if checkpoint else {}
+    method = (args.label or recorded["method"]) if checkpoint else "base"  # --label names checkpoints only
+    seed = recorded.get("seed")
     rows = score_texts(model, tokenizer, read_texts(args.texts), args.max_length, args.batch_size)
     mean = sum(r["nll"] for r in rows) / sum(r["tokens"] for r in rows)
     return {"method": method, "seed": seed, "texts": str(args.texts), "max_length": args.max_length, "nll": mean,

@@ -11,7 +11,8 @@ per column, the best method is tested against the best baseline with Welch's two
 need not share seeds and their seed-to-seed variances may differ. Without `baseline_methods`, every
 other method is a baseline, so the best is tested against the runner-up; with it, a column whose
 best is itself a baseline gets no test. Stds are sample stds (ddof=1); one seed gives no std and
-no test.
+no test. Bold marks the best of two or more methods (a one-row table, as of one checkpoint, has
+none), and each table's caption names only what it shows (`caption`).
 """
 
 from __future__ import annotations
@@ -31,10 +32,9 @@ LOWER_IS_BETTER = frozenset({"ppl"})
 ALPHA = 0.05
 DIGITS = 3
 """Decimals shown, as in the paper's tables."""
-CAPTION = (
-    "Mean ± sample std over seeds. Best per column in **bold**; \\* marks p < "
-    f"{ALPHA} in a two-sided Welch t-test of the best method against the best baseline."
-)
+STD_NOTE = "Mean ± sample std over seeds."
+BOLD_NOTE = "Best per column in **bold**"
+TEST_NOTE = f"\\* marks p < {ALPHA} in a two-sided Welch t-test of the best method against the best baseline."
 
 
 def load_results(paths: Iterable[str | Path]) -> list[dict]:
@@ -186,16 +186,28 @@ def _baselines(baseline_methods: Iterable[str] | None, methods: list[str]) -> fr
 
 
 def _cell(column: dict, method: str) -> str:
-    """'mean ± std', bold when best, followed by an escaped * when significantly better."""
+    """'mean ± std', bold when best of two or more methods, followed by an escaped * when significantly better."""
     text = f"{column['mean'][method]:.{DIGITS}f}"
     if column["std"][method] is not None:
         text += f" ± {column['std'][method]:.{DIGITS}f}"
-    if method in column["best"]:
+    if method in column["best"] and len(column["mean"]) > 1:
         text = f"**{text}**"
     test = column["test"]
     if test is not None and test["method"] == method and test["significant"]:
         text += "\\*"
     return text
+
+
+def caption(columns: Sequence[dict]) -> str:
+    """Says what a table of these columns shows, and only that: a std where a method has several seeds,
+    bold where methods are compared, the t-test where one was made."""
+    methods, seeds = len(columns[0]["mean"]), max(columns[0]["n"].values())
+    notes = [STD_NOTE if seeds > 1 else ("One seed per method." if methods > 1 else "One run.")]
+    if methods > 1 and any(column["test"] is not None for column in columns):
+        notes.append(f"{BOLD_NOTE}; {TEST_NOTE}")
+    elif methods > 1:
+        notes.append(f"{BOLD_NOTE}.")
+    return " ".join(notes)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -209,7 +221,7 @@ def markdown_overall(results: Sequence[dict], baseline_methods: Iterable[str] | 
     summary = summarize(results, baseline_methods)
     columns = [summary["overall"][metric] for metric in METRICS]
     rows = [[method] + [_cell(column, method) for column in columns] for method in summary["methods"]]
-    return _table(["Method"] + [LABELS[m] for m in METRICS], rows) + "\n\n" + CAPTION + "\n"
+    return _table(["Method"] + [LABELS[m] for m in METRICS], rows) + "\n\n" + caption(columns) + "\n"
 
 
 def markdown_per_task(results: Sequence[dict], baseline_methods: Iterable[str] | None = None) -> str:
@@ -217,8 +229,6 @@ def markdown_per_task(results: Sequence[dict], baseline_methods: Iterable[str] |
     summary = summarize(results, baseline_methods)
     columns = [(task, metric) for task in summary["tasks"] for metric in METRICS]
     header = ["Method"] + [f"{task} {LABELS[metric]}" for task, metric in columns]
-    rows = [
-        [method] + [_cell(summary["per_task"][task][metric], method) for task, metric in columns]
-        for method in summary["methods"]
-    ]
-    return _table(header, rows) + "\n\n" + CAPTION + "\n"
+    cells = [summary["per_task"][task][metric] for task, metric in columns]
+    rows = [[method] + [_cell(column, method) for column in cells] for method in summary["methods"]]
+    return _table(header, rows) + "\n\n" + caption(cells) + "\n"

@@ -5,6 +5,7 @@ import json
 import pytest
 
 import hycam
+from hycam.baselines import methods
 from hycam.baselines.methods import MethodOptions, save_trained
 from hycam.evaluation import evaluate
 
@@ -40,6 +41,15 @@ def test_the_untouched_checkpoint_evaluates(checkpoint, capsys):
             "--limit", "1", "--max-new-tokens", "2"]
     assert evaluate.main(argv) == 0
     assert json.loads((checkpoint / "eval-all" / "results.json").read_text())["method"] == "hycam"  # --tasks: all
+
+
+def test_the_checkpoints_method_json_is_read_once(checkpoint, monkeypatch):
+    read = []
+    monkeypatch.setattr(methods, "read_method", lambda path, _read=methods.read_method: read.append(path) or _read(path))
+    argv = ["--checkpoint", str(checkpoint), "--tasks", str(checkpoint.parent / "t.jsonl"), "--no-progress",
+            "--limit", "1", "--max-new-tokens", "2"]
+    assert evaluate.main(argv) == 0
+    assert len(read) == 1
 
 
 def test_a_truncated_weights_file_is_named(checkpoint, capsys):

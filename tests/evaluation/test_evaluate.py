@@ -17,9 +17,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import hycam
 from hycam.cam import HyCAM
-from hycam.evaluation import compare, evaluate
 from hycam.data import split_records
-from hycam.evaluation.generation import greedy_generate, response_nll
+from hycam.evaluation import compare, evaluate
+from hycam.evaluation.generation import greedy_generate, record_nll
+from hycam.evaluation.loading import load_model_for, read_checkpoint
+from hycam.evaluation.scoring import average
 from hycam.baselines.methods import MethodOptions, save_trained
 from hycam.evaluation.metrics import perplexity
 from hycam.train.config import TrainConfig
@@ -54,7 +56,9 @@ def direct_response_nlls(model, example):
 def test_ppl_of_an_untouched_model_is_exp_of_its_mean_response_token_nll():
     model = tiny_model()
     examples = random_examples([("a", 5, 3), ("a", 9, 7), ("b", 4, 2), ("a", 3, 1), ("b", 7, 8)])
-    totals = response_nll(model, examples, pad_token_id=0, batch_size=3)  # mixed lengths: padding
+    scores = record_nll(model, examples, pad_token_id=0, batch_size=3)  # mixed lengths: padding
+    totals = {task: tuple(map(sum, zip(*(s for s, e in zip(scores, examples) if e["task"] == task))))
+              for task in ("a", "b")}
     for task in ("a", "b"):
         per_sample = [direct_response_nlls(model, e) for e in examples if e["task"] == task]
         tokens = [nll for sample in per_sample for nll in sample]
@@ -220,7 +224,7 @@ def test_compare_evaluates_a_run_and_marks_the_significant_best(tiny_run, output
         tasks = {t: {**v, "ppl": v["ppl"] * scale} for t, v in result["tasks"].items()}
         files.append(tmp_path / f"{method}-{seed}.json")
         files[-1].write_text(json.dumps({**result, "method": method, "seed": seed, "tasks": tasks,
-                                         "average": evaluate.average(tasks)}))
+                                         "average": average(tasks)}))
     argv = [str(tiny_run.root / "run"), *map(str, files), "--out", str(tmp_path / "cmp")]
     assert compare.main(argv + EVAL_ARGS) == 0
     summary = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
@@ -268,7 +272,7 @@ def test_bfloat16_evaluation_gives_the_float32_perplexity_within_one_percent(tin
 
 
 def test_a_bfloat16_load_keeps_hycams_one_matmul_inference(tiny_run):
-    model, _, _ = evaluate.load_trained(tiny_run.checkpoint, dtype=torch.bfloat16)
+    model, _ = load_model_for(read_checkpoint(tiny_run.checkpoint), dtype=torch.bfloat16)
     cams = [m for m in model.modules() if isinstance(m, HyCAM)]
     assert cams and all(p.dtype == torch.bfloat16 for p in model.parameters())
     with torch.no_grad():

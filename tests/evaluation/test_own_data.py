@@ -2,6 +2,7 @@
 with a tiny tokenizer: what is scored, what is printed and recorded, and the base model's numbers."""
 
 import contextlib
+import hashlib
 import io
 import json
 import math
@@ -103,6 +104,19 @@ def test_the_runs_own_training_files_scored_whole_get_a_note(own):
             "run's test split)")
     assert own.whole.printed.splitlines()[1] == note
     assert "note:" not in own.split.printed and "note:" not in own.mixed_run.printed
+
+
+def test_one_checkpoints_tables_are_neither_bold_nor_captioned_with_seeds_or_tests(own):
+    for run in (own.whole, own.base):
+        markdown = (run.out / "results.md").read_text()
+        assert "**" not in markdown and "std" not in markdown and "t-test" not in markdown
+        assert markdown.count("\n\nOne run.\n") == 2  # the per-task table's caption and the average's
+
+
+def test_each_scored_record_is_named_by_a_hash_of_its_text(own):
+    expected = [hashlib.sha1("\x1f".join((r.task, r.instruction, r.input, r.output)).encode()).hexdigest()[:12]
+                for r in load_records(own.mixed)]
+    assert [row["id"] for row in own.mixed_run.result["records"]] == expected
 
 
 @torch.no_grad()

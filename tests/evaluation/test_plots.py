@@ -1,5 +1,6 @@
 """What the figures measure: loss curves across seeds, A_fusion, expert utilisation, pooled
-attention outputs, and the t-SNE's cluster score, each checked against a direct computation."""
+attention outputs, and the t-SNE's cluster score, each checked against a direct computation; and
+what they draw, read back from the figure and from its PNG."""
 
 import json
 import math
@@ -8,10 +9,24 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_model
+from matplotlib.image import imread
 
 import hycam
-from hycam.evaluation import plots
+from hycam.evaluation import loss_curves, plots
 from hycam.inject import decoder_layers
+
+
+def png_of(fig, path):
+    """The figure saved and read back: (height, width, RGBA) pixels, of the figure's size at plots.DPI."""
+    pixels = imread(plots.save_figure(fig, path))
+    width, height = fig.get_size_inches() * plots.DPI
+    assert pixels.shape == (round(height), round(width), 4)
+    return pixels
+
+
+def inked(pixels) -> float:
+    """The share of pixels that are not white background."""
+    return float((pixels[..., :3] < 0.95).any(-1).mean())
 
 
 def write_run(folder, method, seed, train, validation):
@@ -28,19 +43,37 @@ def test_loss_curves_align_seeds_by_step_and_leave_gaps_where_a_run_stopped(tmp_
     runs = [write_run(tmp_path / "a", "hycam", 1, {1: 3.0, 2: 2.0, 3: 1.0}, {3: 1.5}),
             write_run(tmp_path / "b", "hycam", 2, {1: 5.0, 2: 4.0}, {2: 4.5}),
             write_run(tmp_path / "c", "lora", 1, {1: 6.0}, {})]
-    curves = plots.loss_curves(runs)
+    curves = loss_curves.loss_curves(runs)
     steps, values = curves["hycam"]["train"]
     assert steps.tolist() == [1, 2, 3]
     np.testing.assert_array_equal(values, [[3.0, 2.0, 1.0], [5.0, 4.0, np.nan]])
     assert curves["hycam"]["validation"][0].tolist() == [2, 3]
     assert set(curves["lora"]) == {"train"}
-    for band in plots.BANDS:
-        assert plots.plot_loss_curves(runs, tmp_path / f"{band}.png", band).stat().st_size > 0
+    train, validation = loss_curves.loss_figure(curves).axes
+    assert [t.get_text() for t in train.get_legend().get_texts()] == ["hycam (2 seeds)", "lora (1 seeds)"]
+    np.testing.assert_array_equal(train.lines[1].get_ydata(), [4.0, 3.0, 1.0])  # hycam's raw mean, gap skipped
+    assert [t.get_text() for t in validation.get_legend().get_texts()] == ["hycam (2 seeds)"]
+
+
+SPREAD = math.sqrt(14 / 3)  # the population std of 1, 2 and 6
+
+
+@pytest.mark.parametrize("band, low, high", [("minmax", 1.0, 6.0), ("std", 3 - SPREAD, 3 + SPREAD)])
+def test_the_validation_band_spans_the_seeds(tmp_path, band, low, high):
+    runs = [write_run(tmp_path / str(seed), "hycam", seed, {1: 5.0, 2: 4.0}, {2: value})
+            for seed, value in ((1, 1.0), (2, 2.0), (3, 6.0))]
+    fig = loss_curves.loss_figure(loss_curves.loss_curves(runs), band)
+    validation = fig.axes[1]
+    assert validation.lines[0].get_ydata().tolist() == [3.0]
+    band_y = validation.collections[0].get_paths()[0].vertices[:, 1]
+    assert (band_y.min(), band_y.max()) == (pytest.approx(low), pytest.approx(high))
+    assert inked(png_of(fig, tmp_path / f"{band}.png")) > 0.01
+    assert loss_curves.plot_loss_curves(runs, tmp_path / "cli.png", band).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_the_training_loss_is_smoothed_over_the_last_points_skipping_gaps():
-    np.testing.assert_allclose(plots.smooth(np.array([1.0, 2.0, 3.0, 4.0]), 2), [1.0, 1.5, 2.5, 3.5])
-    np.testing.assert_allclose(plots.smooth(np.array([np.nan, 2.0, np.nan, 4.0]), 2), [np.nan, 2.0, 2.0, 4.0])
+    np.testing.assert_allclose(loss_curves.smooth(np.array([1.0, 2.0, 3.0, 4.0]), 2), [1.0, 1.5, 2.5, 3.5])
+    np.testing.assert_allclose(loss_curves.smooth(np.array([np.nan, 2.0, np.nan, 4.0]), 2), [np.nan, 2.0, 2.0, 4.0])
 
 
 def gate_stats(gates_by_task: dict[str, list], tokens: dict[str, int]) -> dict[str, dict]:
@@ -63,13 +96,20 @@ def test_the_expert_figure_is_drawn_for_many_layers(tmp_path):
     rng = np.random.default_rng(0)
     stats = gate_stats({t: rng.dirichlet(np.ones(5), size=30).tolist() for t in ("a", "b", "c")},
                        {"a": 100, "b": 50, "c": 20})
-    assert plots.plot_expert_utilisation(stats, tmp_path / "experts.png", list(range(30))).stat().st_size > 0
+    fig = plots.expert_figure(stats, list(range(30, 60)))
+    divergence, *maps = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    assert [len(line.get_ydata()) for line in divergence.lines] == [30] * 4  # between tasks, then each task
+    ticks = [t.get_text() for t in divergence.get_xticklabels()]
+    assert ticks[0] == "30" and len(ticks) <= 16  # layer names, thinned so that they do not overlap
+    assert [ax.get_title() for ax in maps] == ["a (100 tokens)", "b (50 tokens)", "c (20 tokens)"]
+    assert all(ax.images[0].get_array().shape == (5, 30) and len(ax.get_xticks()) <= 6 for ax in maps)
+    assert inked(png_of(fig, tmp_path / "experts.png")) > 0.05
 
 
 def test_a_run_dir_without_metrics_is_named(tmp_path):
     (tmp_path / "run_config.json").write_text(json.dumps({"method": "hycam", "seed": 1}))
     with pytest.raises(FileNotFoundError, match="metrics.jsonl is missing"):
-        plots.loss_curves([tmp_path])
+        loss_curves.loss_curves([tmp_path])
 
 
 def modulated(**config):
@@ -138,6 +178,10 @@ def test_tsne_scores_separated_tasks_high_and_mixed_ones_low(tmp_path):
     centres = np.repeat(np.eye(8)[:2] * 10, 15, axis=0)  # two far-apart directions
     separated = centres + rng.normal(size=(30, 8))
     mixed = rng.normal(size=(30, 8))
-    scores = plots.plot_tsne({"separated": separated, "mixed": mixed}, tasks, tmp_path / "tsne.png")
+    fig, scores = plots.tsne_figure({"separated": separated, "mixed": mixed}, tasks)
     assert scores["separated"] > 0.8 and abs(scores["mixed"]) < 0.2
-    assert (tmp_path / "tsne.png").stat().st_size > 0
+    assert [ax.get_title() for ax in fig.axes] == [f"separated (silhouette {scores['separated']:.3f})",
+                                                   f"mixed (silhouette {scores['mixed']:.3f})"]
+    assert all([len(c.get_offsets()) for c in ax.collections] == [15, 15] for ax in fig.axes)  # a colour a task
+    assert inked(png_of(fig, tmp_path / "tsne.png")) > 0.01
+    assert plots.plot_tsne({"mixed": mixed}, tasks, tmp_path / "cli.png")["mixed"] == scores["mixed"]

@@ -1,5 +1,6 @@
 """Knowledge retention: the general-text NLL of a tiny model, and the passages taken from gensim's sample."""
 
+import hashlib
 import json
 
 import pytest
@@ -35,6 +36,7 @@ def test_each_passage_scores_every_token_after_the_first_whatever_the_batch(tiny
         assert row["nll"] == pytest.approx(nll, rel=1e-5) and single["nll"] == pytest.approx(nll, rel=1e-5)
     assert rows[1]["tokens"] == 11  # cut at max_length
     assert len({row["id"] for row in rows}) == 3
+    assert [row["id"] for row in rows] == [hashlib.sha1(text.encode()).hexdigest()[:12] for text in TEXTS]
 
 
 def test_the_score_command_writes_the_base_models_record(tiny_model_dir, tmp_path):

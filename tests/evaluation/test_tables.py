@@ -172,3 +172,31 @@ def test_load_results_names_both_files_of_a_duplicate(tmp_path: Path) -> None:
 def test_empty_results_rejected() -> None:
     with pytest.raises(ValueError, match="no result records"):
         summarize([])
+
+
+def _caption(markdown: str) -> str:
+    return markdown.strip().split("\n\n")[-1]
+
+
+def test_one_run_alone_is_neither_bold_nor_captioned_with_seeds_or_tests() -> None:
+    results = [_record("HyCAM", 2333, 3.0, 0.2, 0.3)]
+    for markdown in (markdown_overall(results), markdown_per_task(results)):
+        assert "**" not in markdown.split("\n\n")[0]
+        assert _rows(markdown)["HyCAM"][:3] == ["3.000", "0.200", "0.300"]
+        assert _caption(markdown) == "One run."
+
+
+def test_one_method_over_seeds_has_a_std_and_no_bold() -> None:
+    markdown = markdown_overall(_three_seeds("HyCAM", HYCAM_PPL, [0.1, 0.2, 0.3], [0.2, 0.2, 0.2]))
+    assert _rows(markdown)["HyCAM"][0] == "3.610 ± 0.010"
+    assert _caption(markdown) == "Mean ± sample std over seeds."
+
+
+def test_the_caption_names_bold_and_the_test_only_where_the_table_has_them() -> None:
+    single = [_record("HyCAM", 2333, 3.0, 0.2, 0.3), _record("LoRA", 2333, 9.0, 0.01, 0.02)]
+    assert _caption(markdown_overall(single)) == "One seed per method. Best per column in **bold**."
+    assert _caption(markdown_per_task(CLEAR)) == _caption(markdown_overall(CLEAR)) == (
+        "Mean ± sample std over seeds. Best per column in **bold**; \\* marks p < 0.05 in a two-sided Welch "
+        "t-test of the best method against the best baseline.")
+    untested = markdown_overall(CLEAR, baseline_methods=["HyCAM"])  # the best is a baseline in every column
+    assert _caption(untested) == "Mean ± sample std over seeds. Best per column in **bold**."

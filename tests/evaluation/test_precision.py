@@ -1,8 +1,8 @@
-"""hycam.precision: bf16 is the default only where the CPU lists a bf16 instruction set."""
+"""hycam.evaluation.precision: bf16 is the default only where the CPU lists a bf16 instruction set."""
 
 import pytest
 
-from hycam.precision import cpu_has_native_bf16
+from hycam.evaluation.precision import cpu_has_native_bf16
 
 ZEN4 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n"
 SKYLAKE = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_vnni\n"

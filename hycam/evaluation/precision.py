@@ -1,9 +1,11 @@
-"""Whether bfloat16 is the fast choice on a device: the default of training (`bf16`) and of hycam-eval.
+"""Whether bfloat16 is the fast choice on a device: hycam-eval's default dtype (`--dtype auto`).
 
 On CUDA, bf16 runs in hardware from compute capability 8.0 (Ampere). On a CPU it is fast only with
 AVX512-BF16 or AMX-BF16 instructions (x86 servers since about 2020: Cooper Lake, Sapphire Rapids,
 AMD Zen 4); elsewhere torch emulates it and fp32 is as fast or faster. On the project's Zen 4 machine
 a SmolLM2 training step takes 0.6 times as long in bf16 as in fp32 (docs/PERFORMANCE.md).
+
+Only evaluation asks: training's `bf16` default is whether CUDA is available (`hycam.train`).
 """
 
 from __future__ import annotations

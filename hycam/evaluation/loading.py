@@ -1,0 +1,84 @@
+"""The model an evaluation scores: a trained checkpoint of `main.py` rebuilt on its base model, or the
+untrained base model, loaded the same way (dtype, device, tokenizer) so that their numbers compare.
+
+A checkpoint's files are read once (`read_checkpoint`) and what they hold is passed on: the records
+are chosen from it before any model loads, so that bad data fails fast. Every failure to load is a
+`UsageError` of one line naming what could not be loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hycam import files
+from hycam.baselines import methods
+from hycam.checkpoint import read_json
+from hycam.data.models import load_model, load_tokenizer, resolve
+from hycam.evaluation.selection import UsageError
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint dir of `main.py` and what it records, read without loading any model."""
+
+    path: Path
+    """The checkpoint dir (e.g. RUN/best) as the user named it: errors name it so."""
+    method: dict
+    """Its method.json, checked (`hycam.baselines.methods.read_method`)."""
+    run: dict
+    """The run's run_config.json, from the checkpoint dir or up to two levels above; {} if there is none."""
+
+    @property
+    def recorded(self) -> dict:
+        """What the run recorded: run_config.json overridden by method.json."""
+        return {**self.run, **self.method}
+
+
+def read_checkpoint(checkpoint: str | Path) -> Checkpoint:
+    """The checkpoint's method.json and its run's run_config.json, each read once."""
+    here = Path(checkpoint).resolve()
+    if not here.is_dir():
+        raise UsageError(f"--checkpoint {checkpoint}: no such directory")
+    try:
+        method = methods.read_method(here)
+        config = next((d / files.RUN_CONFIG for d in (here, here.parent, here.parent.parent)
+                       if (d / files.RUN_CONFIG).is_file()), None)
+        return Checkpoint(Path(checkpoint), method, read_json(config) if config else {})
+    except (OSError, ValueError) as err:
+        raise UsageError(str(err)) from err
+
+
+def load_model_for(checkpoint: Checkpoint | None, base_model: str | None = None, device: str = "cpu",
+                   dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
+    """(model, tokenizer) in eval mode on `device`: the checkpoint's method on `base_model` (default: the
+    recorded one), or without a checkpoint the untrained `base_model`."""
+    try:
+        model, tokenizer = _trained(checkpoint, base_model, dtype) if checkpoint else _base(base_model, None, dtype)
+        return model.to(device).eval(), tokenizer
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        what = (f"checkpoint {checkpoint.path} on base model {base_model or '(recorded)'}" if checkpoint
+                else f"base model {base_model}")
+        raise UsageError(f"cannot load {what}: {first_line}") from err
+
+
+def _trained(checkpoint: Checkpoint, base_model: str | None, dtype: torch.dtype) -> tuple[nn.Module, object]:
+    """The base model is loaded in `dtype` before the method is added, so that the method's modules are
+    built in it too (HyCAM's one-matmul inference needs its weights made in place, not cast later)."""
+    model_name = base_model or checkpoint.method.get("model")
+    if model_name is None:
+        raise ValueError(f"{checkpoint.path}: the base model is not recorded; pass it explicitly")
+    gguf = checkpoint.method.get("gguf_file") if base_model is None else None
+    model, tokenizer = _base(model_name, gguf, dtype)
+    return methods.load_into(model, checkpoint.path, checkpoint.method), tokenizer
+
+
+def _base(model_name: str, gguf: str | None, dtype: torch.dtype) -> tuple[nn.Module, object]:
+    # A GGUF file is de-quantised to float32 (transformers warns against asking it for another dtype).
+    packed = resolve(model_name, gguf)[1] is not None
+    model = load_model(model_name, gguf).to(dtype) if packed else load_model(model_name, gguf, dtype=dtype)
+    return model, load_tokenizer(model_name, gguf)
