@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 import hycam
-from hycam.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from hycam.files import HYCAM_CONFIG, HYCAM_WEIGHTS
 
 
 class Batches(torch.utils.data.Dataset):
@@ -60,7 +60,7 @@ def test_hycam_save_after_trainer_save_model_keeps_the_trainer_files(tmp_path):
     assert torch.equal(from_full(**batch).logits, expected)
     hycam.save(model, tmp_path / "out")
     after = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
-    assert after.keys() == trainer_files.keys() | {CONFIG_NAME, WEIGHTS_NAME}
+    assert after.keys() == trainer_files.keys() | {HYCAM_CONFIG, HYCAM_WEIGHTS}
     assert all(after[name] == content for name, content in trainer_files.items())
     assert torch.equal(hycam.load(tiny_model(), tmp_path / "out")(**batch).logits, expected)
 
@@ -85,7 +85,7 @@ def test_sft_trainer_with_a_hycam_peft_config_trains_hycam_only(tiny_model_dir, 
     moved = {n for n, p in base.named_parameters() if n not in before or not torch.equal(p, before[n])}
     trainable = set(hycam.trainable_parameters(base))
     assert moved <= trainable  # the backbone is untouched
-    assert {n for n in trainable if n.endswith(("spec_up", "shared.weight", "router.weight"))} <= moved
+    assert {n for n in trainable if n.endswith((".B", ".W_in", ".W_router"))} <= moved
 
 
 @pytest.fixture
