@@ -65,21 +65,34 @@ class HyCAM(nn.Module):
         W_shared, B_k and B_shared zeros (normal(init_std) if that is set, for tests); A_k, A_shared and
         W_router Kaiming-uniform as `nn.Linear` (fan-in d); N_k and N_shared the same per expert (fan-in r);
         b_router as `nn.Linear`'s bias, the other biases zeros."""
-        W_shared, A = self.input_weights()
-        low_rank_shared = self.B_shared is not None
-        for weight in _present(self.B, self.B_shared, None if low_rank_shared else W_shared):
+        self._draw_linear_inits()
+        W_shared, _ = self.input_weights()
+        for weight in _present(W_shared if self.B_shared is None else self.B_shared, self.B):
             if self.init_std:
                 nn.init.normal_(weight, std=self.init_std)
             else:
                 nn.init.zeros_(weight)
-        experts_mix = self.N if self.N is not None else ()  # per expert, so that the fan-in is r
-        for weight in _present(A, self.W_router, W_shared if low_rank_shared else None, *experts_mix, self.N_shared):
-            nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
         for bias in _present(self.b_shared, self.b_spec):
             nn.init.zeros_(bias)
-        if self.b_router is not None:
-            bound = 1 / math.sqrt(self.W_router.size(1))
-            nn.init.uniform_(self.b_router, -bound, bound)
+
+    def _draw_linear_inits(self) -> None:
+        """`nn.Linear`'s init (weight, bias) of every matrix that is not zero-initialised, in hycam 0.1.0's
+        order and with the draws that `reset_parameters` then overwrites, so that a seed still gives the
+        weights (and the runs) it gave."""
+        W_shared, A = self.input_weights()
+        parts = []  # (weight, bias or None), in the order 0.1.0 built its layers
+        if self.B_shared is not None:  # its shared_down drew A_shared twice, then N_shared; then shared
+            parts += [(W_shared, None), (W_shared, None), (self.N_shared, None), (self.B_shared, self.b_shared)]
+        elif W_shared is not None:
+            parts.append((W_shared, self.b_shared))
+        if self.W_router is not None:
+            parts.append((self.W_router, self.b_router))
+        if A is not None:  # its spec_down drew A twice, then each N_k (fan-in r)
+            parts += [(A, None), (A, None), *((mix, None) for mix in self.N)]
+        for weight, bias in parts:
+            nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+            if bias is not None:
+                nn.init.uniform_(bias, -1 / math.sqrt(weight.size(1)), 1 / math.sqrt(weight.size(1)))
 
     def input_weights(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """W_shared (A_shared under InversePEFT) and A_1..A_N stacked: views of `W_in`, None where absent."""
