@@ -4,7 +4,9 @@ Saving writes its own files and nothing else: other files in the directory (a Tr
 tokenizer's) stay. Loading executes nothing from the checkpoint (safetensors, JSON), checks every
 field and tensor before it changes the model, and leaves the model as it was when it fails. It reads
 `hycam.save`'s files, peft's `adapter_config.json` + `adapter_model.safetensors` of a HyCAM adapter,
-and a full state dict (`model.safetensors` of `Trainer.save_model` on a HyCAM model).
+and a full state dict (`model.safetensors` of `Trainer.save_model` on a HyCAM model), of this version
+(`hycam.save` and full state dicts under the model's names, `...self_attn.hycam_modules.default.W_in`; peft's
+files without the adapter name) or of hycam 0.1.0 (`hycam.legacy`).
 """
 
 from __future__ import annotations

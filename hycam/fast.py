@@ -69,7 +69,10 @@ def _expert_inputs(cam: HyCAM, tokens: torch.Tensor, a: torch.Tensor | None) -> 
 def weighted_silu_sum(
     x: torch.Tensor, up: torch.Tensor, bias: torch.Tensor | None, probs: torch.Tensor
 ) -> torch.Tensor:
-    """x (T, N_s, r), up (N_s, d, r), bias (N_s, d) or None, probs (T, N_s) -> sum_k p_k SiLU(x_k B_k^T + b_k), (T, d)."""
+    """sum_k p_k SiLU(x_k B_k^T + b_k), (T, d).
+
+    x (T, N_s, r), best a view of an expert-major tensor; up (N_s, d, r); bias (N_s, d) or None; probs (T, N_s).
+    """
     # One dtype throughout, x's: under autocast x comes from a low-precision matmul while up stays float32.
     up, bias, probs = (t if t is None else t.to(x.dtype) for t in (up, bias, probs))
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, up, bias, probs)):

@@ -22,8 +22,8 @@ logits and the Gumbel-softmax probabilities the fusion used (when asked with `ou
 def _with_hycam_fields(base: type, name: str) -> type:
     """`base` (a transformers ModelOutput dataclass) plus HyCAM's fields, each defaulting to None."""
     fields = [(key, torch.Tensor | None, dataclasses.field(default=None)) for key in HYCAM_FIELDS]
-    namespace = {"__doc__": f"{base.__name__} plus HyCAM's {', '.join(HYCAM_FIELDS)} (`hycam.outputs.HYCAM_FIELDS`).",
-                 "__module__": __name__, "__reduce__": _reduce}
+    doc = f"{base.__name__} plus HyCAM's {', '.join(HYCAM_FIELDS)} (`hycam.outputs.HYCAM_FIELDS`)."
+    namespace = {"__doc__": doc, "__module__": __name__, "__reduce__": _reduce}
     return dataclasses.make_dataclass(name, fields, bases=(base,), namespace=namespace)
 
 

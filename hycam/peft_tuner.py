@@ -52,7 +52,8 @@ class HyCAMModel(BaseTuner):
         apply(model, config, adapter_name=adapter_name)
         if config.inference_mode:
             mark_trainable(model, requires_grad=False)
-        self.targeted_module_names = sorted(name for name, module in model.named_modules() if MODULES in module._modules)
+        modulated = (name for name, module in model.named_modules() if MODULES in module._modules)
+        self.targeted_module_names = sorted(modulated)
 
     def _check_new_adapter_config(self, config: HyCAMConfig) -> None:
         if len(self.peft_config) > 1:
@@ -107,7 +108,8 @@ class HyCAMModel(BaseTuner):
         this model's HyCAM tensors (peft itself would skip missing ones)."""
         by_checkpoint_name = {checkpoint_name(name): name for name in _hycam_names(model)}
         tensors = legacy.upgrade({key.removeprefix(PEFT_KEY_PREFIX): value for key, value in state_dict.items()})
-        missing, unexpected = sorted(set(by_checkpoint_name) - set(tensors)), sorted(set(tensors) - set(by_checkpoint_name))
+        missing = sorted(by_checkpoint_name.keys() - tensors.keys())
+        unexpected = sorted(tensors.keys() - by_checkpoint_name.keys())
         if missing or unexpected:
             raise ValueError(f"the HyCAM adapter does not match this model: missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]}")

@@ -7,6 +7,8 @@ from conftest import padded_batch, tiny_model
 import hycam
 import hycam.balance
 
+pytestmark = pytest.mark.fast
+
 
 def snapshot(model):
     return ({n: p.detach().clone() for n, p in model.named_parameters()},

@@ -32,8 +32,9 @@ def test_round_trip_gives_identical_logits(trained):
 def test_saves_exactly_the_hycam_tensors_and_config(trained):
     model, path = trained
     assert sorted(p.name for p in path.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME])
-    assert set(load_file(path / WEIGHTS_NAME)) == set(hycam.trainable_parameters(model)) == {
-        f"model.layers.{i}.self_attn.hycam_modules.default.{p}" for i in range(2) for p in ("W_in", "W_router", "N", "B")}
+    names = {f"model.layers.{i}.self_attn.hycam_modules.default.{p}" for i in range(2)
+             for p in ("W_in", "W_router", "N", "B")}
+    assert set(load_file(path / WEIGHTS_NAME)) == set(hycam.trainable_parameters(model)) == names
     meta = json.loads((path / CONFIG_NAME).read_text())
     assert hycam.HyCAMConfig.from_dict(meta["hycam_config"]) == model.hycam_config
     assert meta["base_model"] == {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2}

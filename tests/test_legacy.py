@@ -42,7 +42,8 @@ def test_peft_from_pretrained_of_a_v0_1_adapter_gives_its_logits():
 
 def test_a_v0_1_full_state_dict_loads_with_its_config(tmp_path):
     """Trainer.save_model of a 0.1 HyCAM model: the backbone's tensors and HyCAM's under their old names."""
-    config = hycam.HyCAMConfig.from_dict(json.loads((FIXTURES / "hycam" / "hycam_config.json").read_text())["hycam_config"])
+    meta = json.loads((FIXTURES / "hycam" / "hycam_config.json").read_text())
+    config = hycam.HyCAMConfig.from_dict(meta["hycam_config"])
     full = {**base_model().state_dict(), **load_file(FIXTURES / "hycam" / "hycam_model.safetensors")}
     save_file({k: v.contiguous() for k, v in full.items()}, tmp_path / "model.safetensors")
     model = hycam.load(base_model(), tmp_path, config=config)

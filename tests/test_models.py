@@ -61,6 +61,19 @@ def test_question_answering_and_classification_heads_train_the_router_with_the_b
                                       num_labels=3)
 
 
+def test_outputs_of_any_head_pickle_as_their_hycam_class():
+    import pickle
+
+    from transformers import LlamaConfig, LlamaForQuestionAnswering
+
+    model = with_hycam(LlamaForQuestionAnswering, LlamaConfig, 0.1)
+    out = model(**padded_batch(), output_hycam_routing=True)
+    assert type(out).__name__ == "HyCAMQuestionAnsweringModelOutput"  # made on first use, named nowhere
+    again = pickle.loads(pickle.dumps(out))
+    assert type(again) is type(out) and again.keys() == out.keys()
+    torch.testing.assert_close(again.hycam_router_probs, out.hycam_router_probs)
+
+
 def test_mixtral_keeps_its_router_logits_and_aux_loss_beside_hycams():
     from transformers import MixtralConfig, MixtralForCausalLM
 

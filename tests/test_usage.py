@@ -7,6 +7,8 @@ from conftest import padded_batch, tiny_model
 
 import hycam
 
+pytestmark = pytest.mark.fast
+
 
 def modulated(family="llama", **config):
     return hycam.apply(tiny_model(family), hycam.HyCAMConfig(rank=8, init_std=0.3, **config))
