@@ -18,17 +18,15 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-
-if TYPE_CHECKING:
-    from hycam.cam import HyCAM
+from torch import nn
 
 
-def forward(cam: HyCAM, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """`cam.reference_forward(h)`: h_norm (..., d) -> (A_fusion (..., d), logits, probs (..., N_s) or None)."""
+def forward(cam: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """`cam.reference_forward(h)` of a `hycam.cam.HyCAM` (not imported: it imports this module):
+    h_norm (..., d) -> (A_fusion (..., d), logits, probs (..., N_s) or None)."""
     tokens = h.reshape(-1, h.size(-1))  # (T, d)
     shared = spec_input = None
     if cam.W_in is not None:  # one matmul for W_shared (or A_shared) and A_1..A_N
@@ -47,7 +45,7 @@ def forward(cam: HyCAM, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | N
     return spec.add_(F.silu(shared, inplace=True)).view(h.shape), logits, probs
 
 
-def _shared_pre_activation(cam: HyCAM, x: torch.Tensor | None) -> torch.Tensor | None:
+def _shared_pre_activation(cam: nn.Module, x: torch.Tensor | None) -> torch.Tensor | None:
     """h W_shared^T + b_shared (T, d) from h W_shared^T, or from h A_shared^T (T, r_s) under InversePEFT."""
     if x is None or not cam.shared_rows:
         return None
@@ -56,7 +54,7 @@ def _shared_pre_activation(cam: HyCAM, x: torch.Tensor | None) -> torch.Tensor |
     return x if cam.b_shared is None else x + cam.b_shared
 
 
-def _expert_inputs(cam: HyCAM, tokens: torch.Tensor, a: torch.Tensor | None) -> torch.Tensor:
+def _expert_inputs(cam: nn.Module, tokens: torch.Tensor, a: torch.Tensor | None) -> torch.Tensor:
     """s h A_k^T N_k^T (T, N_s, r) as a view of an expert-major tensor; h itself (expanded) for full-rank experts."""
     n = cam.num_specialized
     if a is None or not cam.spec_rows:

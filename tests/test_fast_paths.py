@@ -74,9 +74,10 @@ def test_the_fast_path_equals_the_reference_in_float64_outputs_and_gradients(var
         torch.testing.assert_close(one, cam.reference_forward(h[:1, -1:])[0], rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_the_fast_path_in_bfloat16_stays_close_to_the_reference_in_float64(variant):
-    cam = variant_cam(variant, torch.bfloat16).train()
+def test_the_fast_path_in_bfloat16_stays_close_to_the_reference_in_float64(variant, mode):
+    cam = variant_cam(variant, torch.bfloat16).train(mode == "train")
     precise = copy.deepcopy(cam).double()
     h = torch.randn(2, 24, 32, dtype=torch.float64)
     low_out, low_grads = outputs_and_grads(cam, h.bfloat16(), cam, seed=5)
