@@ -82,7 +82,7 @@ def remove(model: nn.Module) -> nn.Module:
 def _take_out(model: nn.Module, layout) -> None:
     """Undoes whatever part of `_put_in` happened: all of it (`remove`) or some (a failed `apply`)."""
     for layer in layout.layers:
-        if MODULES in layer.self_attn._modules:
+        if hasattr(layer.self_attn, MODULES):
             drop_hooks(layer.self_attn, _after_attention)
             drop_hooks(layer, _before_layer, pre=True)
             delattr(layer.self_attn, MODULES)
@@ -137,7 +137,7 @@ def hycam_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     norms = set()
     if model.hycam_config.train_layernorms:
         for layer in decoder_layers(model):
-            if MODULES in layer.self_attn._modules:
+            if hasattr(layer.self_attn, MODULES):
                 norms |= {id(layer.input_layernorm), id(layer.post_attention_layernorm)}
     found = {}
     for prefix, module in model.named_modules():
