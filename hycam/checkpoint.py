@@ -4,7 +4,9 @@ Saving writes its own files and nothing else: other files in the directory (a Tr
 tokenizer's) stay. Loading executes nothing from the checkpoint (safetensors, JSON), checks every
 field and tensor before it changes the model, and leaves the model as it was when it fails. It reads
 `hycam.save`'s files, peft's `adapter_config.json` + `adapter_model.safetensors` of a HyCAM adapter,
-and a full state dict (`model.safetensors` of `Trainer.save_model` on a HyCAM model).
+and a full state dict (`model.safetensors` of `Trainer.save_model` on a HyCAM model), of this version
+(`hycam.save` and full state dicts under the model's names, `...self_attn.hycam_modules.default.W_in`; peft's
+files without the adapter name) or of hycam 0.1.0 (`hycam.legacy`).
 """
 
 from __future__ import annotations
@@ -21,15 +23,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from hycam import legacy
 from hycam.config import HyCAMConfig
-from hycam.inject import apply, hycam_parameters, is_applied, remove
-
-CONFIG_NAME = "hycam_config.json"
-WEIGHTS_NAME = "hycam_model.safetensors"
-PEFT_CONFIG_NAME = "adapter_config.json"
-PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
-FULL_WEIGHTS_NAME = "model.safetensors"
-PEFT_KEY_PREFIX = "base_model.model."  # what peft puts before the model's own parameter names
+from hycam.files import FULL_WEIGHTS, HYCAM_CONFIG, HYCAM_WEIGHTS, PEFT_CONFIG, PEFT_KEY_PREFIX, PEFT_WEIGHTS
+from hycam.inject import apply, checkpoint_name, hycam_parameters, is_applied, remove
 
 
 @contextlib.contextmanager
@@ -73,7 +70,7 @@ def save(model: nn.Module, path: str | Path) -> None:
     """Writes `hycam_config.json` and `hycam_model.safetensors` into the directory `path`; other files
     there are kept. Each file is replaced whole: a reader never sees half a file."""
     tensors = gather_tensors(hycam_parameters(model))
-    write_checkpoint(path, tensors, WEIGHTS_NAME, {CONFIG_NAME: hycam_meta(model)})
+    write_checkpoint(path, tensors, HYCAM_WEIGHTS, {HYCAM_CONFIG: hycam_meta(model)})
 
 
 def hycam_meta(model: nn.Module) -> dict:
@@ -118,8 +115,9 @@ def load(model: nn.Module, path: str | Path, config: HyCAMConfig | None = None) 
                          f"{'; '.join(config.differences(model.hycam_config))} (checkpoint vs model)")
     try:
         params = hycam_parameters(model)
-        full = weights.name == FULL_WEIGHTS_NAME  # a whole model's state dict: read HyCAM's tensors only
-        copy_verified(params, read_tensors(weights, keep=set(params) if full else None), weights, allow_extra=full)
+        full = weights.name == FULL_WEIGHTS  # a whole model's state dict: read HyCAM's tensors only
+        tensors = read_tensors(weights, keep=_hycam_names(weights, params) if full else None)
+        copy_verified(params, model_names(tensors, params), weights, allow_extra=full)
     except BaseException:
         if fresh:
             remove(model)
@@ -127,27 +125,39 @@ def load(model: nn.Module, path: str | Path, config: HyCAMConfig | None = None) 
     return model
 
 
+def _hycam_names(file: Path, params: dict[str, nn.Parameter]) -> set[str]:
+    """The names in a full state dict that may be HyCAM's: this model's, or those of hycam 0.1.0."""
+    return set(params) | {name for name in read_tensors(file, keep=set()) if legacy.is_old(name)}
+
+
+def model_names(tensors: dict[str, torch.Tensor], params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """A file's tensors under the names of `params`: hycam 0.1.0's names upgraded, and the adapter name put
+    back into names that hold none (peft's files)."""
+    by_checkpoint_name = {checkpoint_name(name): name for name in params}
+    return {by_checkpoint_name.get(name, name): t for name, t in legacy.upgrade(tensors).items()}
+
+
 def _read_checkpoint(model: nn.Module, path: Path, config: HyCAMConfig | None) -> tuple[HyCAMConfig, Path]:
     """The HyCAM config and the weights file of the checkpoint at `path`, checked against `model`."""
-    if (path / CONFIG_NAME).is_file():
+    if (path / HYCAM_CONFIG).is_file():
         meta = read_config(path)
-        _check_base_model(path / CONFIG_NAME, meta["base_model"], base_model_signature(model))
-        return _config_from(path / CONFIG_NAME, meta["hycam_config"]), path / WEIGHTS_NAME
-    if (path / PEFT_CONFIG_NAME).is_file():
-        return _config_from(path / PEFT_CONFIG_NAME, read_json(path / PEFT_CONFIG_NAME)), path / PEFT_WEIGHTS_NAME
-    if (path / FULL_WEIGHTS_NAME).is_file() and config is not None:
-        return config, path / FULL_WEIGHTS_NAME
-    if (path / FULL_WEIGHTS_NAME).is_file():
-        raise ValueError(f"{path / FULL_WEIGHTS_NAME} is a full state dict, which does not record HyCAM's "
+        _check_base_model(path / HYCAM_CONFIG, meta["base_model"], base_model_signature(model))
+        return _config_from(path / HYCAM_CONFIG, meta["hycam_config"]), path / HYCAM_WEIGHTS
+    if (path / PEFT_CONFIG).is_file():
+        return _config_from(path / PEFT_CONFIG, read_json(path / PEFT_CONFIG)), path / PEFT_WEIGHTS
+    if (path / FULL_WEIGHTS).is_file() and config is not None:
+        return config, path / FULL_WEIGHTS
+    if (path / FULL_WEIGHTS).is_file():
+        raise ValueError(f"{path / FULL_WEIGHTS} is a full state dict, which does not record HyCAM's "
                          f"configuration: pass it, hycam.load(model, path, config=hycam.HyCAMConfig(...))")
-    raise FileNotFoundError(f"no HyCAM checkpoint at {path}: none of {CONFIG_NAME}, {PEFT_CONFIG_NAME}, "
-                            f"{FULL_WEIGHTS_NAME} is there")
+    raise FileNotFoundError(f"no HyCAM checkpoint at {path}: none of {HYCAM_CONFIG}, {PEFT_CONFIG}, "
+                            f"{FULL_WEIGHTS} is there")
 
 
 def read_config(path: str | Path) -> dict:
-    file = Path(path).expanduser() / CONFIG_NAME
+    file = Path(path).expanduser() / HYCAM_CONFIG
     if not file.is_file():
-        raise FileNotFoundError(f"no HyCAM checkpoint at {path}: {CONFIG_NAME} is missing")
+        raise FileNotFoundError(f"no HyCAM checkpoint at {path}: {HYCAM_CONFIG} is missing")
     meta = read_json(file)
     if not {"hycam_config", "base_model"} <= set(meta):
         raise ValueError(f"{file}: expected the keys 'hycam_config' and 'base_model'")

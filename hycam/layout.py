@@ -3,7 +3,7 @@
 HyCAM needs (paper Section 3): decoder layers laid out `input_layernorm -> self_attn -> residual add ->
 post_attention_layernorm -> mlp -> residual add`, so that the output of `self_attn` is the paper's h_att,
 and a final norm after the last layer that every output of the model is computed from (the balance
-loss's gradient is attached to its input, `hycam.outputs`).
+loss's gradient is attached to its input, `hycam.balance`).
 """
 
 from __future__ import annotations

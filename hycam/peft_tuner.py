@@ -5,7 +5,8 @@
 files (`adapter_config.json`, `adapter_model.safetensors`). The tuner builds on HyCAM's public API
 only: `hycam.apply` puts HyCAM in, `hycam.remove` takes it out, `hycam_parameters` names what is
 saved, so the tensors in peft's file are exactly `hycam.save`'s, under peft's `base_model.model.`
-prefix and without an adapter name (HyCAM holds one adapter a model).
+prefix and, by peft's rule, without the adapter name (`...self_attn.hycam_modules.W_in`; HyCAM holds one
+adapter a model). Adapters of hycam 0.1.0 load too (`hycam.legacy`).
 
 The key mapping goes through the state-dict hooks that peft 0.21 gave its tuners
 (`BaseTuner._get_adapter_state_dict`, `_remap_adapter_state_dict_for_load`). peft 0.15-0.20 have
@@ -21,12 +22,13 @@ from peft.tuners.tuners_utils import BaseTuner
 from peft.utils.peft_types import register_peft_method
 from torch import nn
 
+from hycam import legacy
 from hycam.config import HyCAMConfig
-from hycam.inject import apply, hycam_parameters, is_applied, remove, trainable_parameters
+from hycam.files import PEFT_KEY_PREFIX
+from hycam.inject import MODULES, apply, checkpoint_name, hycam_parameters, is_applied, mark_trainable, remove
 from hycam.peft_type import HYCAM
 
-PREFIX = "hycam_"  # peft's rule is name + "_"; no HyCAM tensor name contains it (they hold ".hycam.")
-PEFT_KEY_PREFIX = "base_model.model."
+PREFIX = "hycam_"  # peft's rule is name + "_": HyCAM's modules hang on `self_attn` as `hycam_modules`
 
 
 class HyCAMModel(BaseTuner):
@@ -47,11 +49,11 @@ class HyCAMModel(BaseTuner):
         if config.train_layernorms:
             raise ValueError("HyCAMConfig(train_layernorms=True) trains backbone norms, which peft's adapter file "
                              "does not hold: use hycam.apply / hycam.save for it")
-        apply(model, config)
+        apply(model, config, adapter_name=adapter_name)
         if config.inference_mode:
-            for param in hycam_parameters(model).values():
-                param.requires_grad_(False)
-        self.targeted_module_names = sorted({name.split(".hycam.")[0] for name in hycam_parameters(model)})
+            mark_trainable(model, requires_grad=False)
+        modulated = (name for name, module in model.named_modules() if MODULES in module._modules)
+        self.targeted_module_names = sorted(modulated)
 
     def _check_new_adapter_config(self, config: HyCAMConfig) -> None:
         if len(self.peft_config) > 1:
@@ -62,12 +64,10 @@ class HyCAMModel(BaseTuner):
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         model.requires_grad_(False)
-        for param in trainable_parameters(model).values():
-            param.requires_grad_(True)
+        mark_trainable(model)
 
     def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
-        for param in trainable_parameters(self.model).values():
-            param.requires_grad_(requires_grad)
+        mark_trainable(self.model, requires_grad)
 
     def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
         if adapter_name not in (self.active_adapter, [self.active_adapter]):
@@ -100,19 +100,22 @@ class HyCAMModel(BaseTuner):
 
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
-        return key  # HyCAM's tensor names hold no adapter name: one adapter a model
+        return checkpoint_name(key)
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        """Checks that the file holds exactly this model's HyCAM tensors (peft itself would skip missing ones)."""
-        params, names = _hycam_names(model), {key.removeprefix(PEFT_KEY_PREFIX) for key in state_dict}
-        missing, unexpected = sorted(params - names), sorted(names - params)
+        """The file's tensors under this model's names (hycam 0.1.0's upgraded), checked first to be exactly
+        this model's HyCAM tensors (peft itself would skip missing ones)."""
+        by_checkpoint_name = {checkpoint_name(name): name for name in _hycam_names(model)}
+        tensors = legacy.upgrade({key.removeprefix(PEFT_KEY_PREFIX): value for key, value in state_dict.items()})
+        missing = sorted(by_checkpoint_name.keys() - tensors.keys())
+        unexpected = sorted(tensors.keys() - by_checkpoint_name.keys())
         if missing or unexpected:
             raise ValueError(f"the HyCAM adapter does not match this model: missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]}")
         wrapped = any(name.startswith(PEFT_KEY_PREFIX) for name, _ in model.named_parameters())
         prefix = PEFT_KEY_PREFIX if wrapped else ""
-        return {prefix + key.removeprefix(PEFT_KEY_PREFIX): value for key, value in state_dict.items()}
+        return {prefix + by_checkpoint_name[key]: value for key, value in tensors.items()}
 
 
 def _hycam_names(model: nn.Module) -> set[str]:

@@ -66,24 +66,3 @@ def _all_ranks_sum(local: torch.Tensor) -> torch.Tensor:
     dist.all_reduce(total)
     return total + dist.get_world_size() * (local - local.detach())
 
-
-def attach_balance_gradient(hidden: torch.Tensor, balance: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """`hidden` unchanged; whatever loss is backpropagated through it also backpropagates weight * balance.
-
-    The balance loss needs no cooperation from whoever computes the task loss (the way Megatron-LM's
-    `MoEAuxLossAutoScaler` attaches MoE auxiliary losses). Its gradient ignores the size of the incoming
-    one, so `weight` must say what share of the optimiser step this forward is.
-    """
-    return _BalanceGradient.apply(hidden, balance, weight)
-
-
-class _BalanceGradient(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, balance, weight):
-        ctx.save_for_backward(weight)
-        return hidden.view_as(hidden)
-
-    @staticmethod
-    def backward(ctx, grad_hidden):
-        (weight,) = ctx.saved_tensors
-        return grad_hidden, weight, None

@@ -5,7 +5,9 @@ import torch
 from conftest import padded_batch, tiny_model
 
 import hycam
-import hycam.outputs
+import hycam.balance
+
+pytestmark = pytest.mark.fast
 
 
 def snapshot(model):
@@ -38,13 +40,13 @@ def test_a_failure_while_building_the_cams_rolls_back(model):
 
 
 def test_an_interrupt_after_every_layer_was_modulated_rolls_back(model, monkeypatch):
-    install = hycam.outputs.install
+    install = hycam.balance.install
 
     def interrupted(*args):
         install(*args)
         raise KeyboardInterrupt  # Ctrl-C at the last step, once every layer and the model have their hooks
 
-    monkeypatch.setattr(hycam.outputs, "install", interrupted)
+    monkeypatch.setattr(hycam.balance, "install", interrupted)
     before, logits = snapshot(model), model(**padded_batch()).logits
     with pytest.raises(KeyboardInterrupt):
         hycam.apply(model, hycam.HyCAMConfig(rank=8))

@@ -8,7 +8,11 @@ from conftest import padded_batch, tiny_model
 from safetensors.torch import load_file, save_file
 
 import hycam
-from hycam.checkpoint import CONFIG_NAME, WEIGHTS_NAME, staged_files
+from hycam.checkpoint import staged_files
+from hycam.files import HYCAM_CONFIG as CONFIG_NAME
+from hycam.files import HYCAM_WEIGHTS as WEIGHTS_NAME
+
+pytestmark = pytest.mark.fast
 
 
 @pytest.fixture
@@ -28,7 +32,9 @@ def test_round_trip_gives_identical_logits(trained):
 def test_saves_exactly_the_hycam_tensors_and_config(trained):
     model, path = trained
     assert sorted(p.name for p in path.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME])
-    assert set(load_file(path / WEIGHTS_NAME)) == set(hycam.trainable_parameters(model))
+    names = {f"model.layers.{i}.self_attn.hycam_modules.default.{p}" for i in range(2)
+             for p in ("W_in", "W_router", "N", "B")}
+    assert set(load_file(path / WEIGHTS_NAME)) == set(hycam.trainable_parameters(model)) == names
     meta = json.loads((path / CONFIG_NAME).read_text())
     assert hycam.HyCAMConfig.from_dict(meta["hycam_config"]) == model.hycam_config
     assert meta["base_model"] == {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2}
@@ -114,7 +120,7 @@ def test_a_failed_load_leaves_the_model_as_it_was(trained, damage):
         weights.write_bytes(b"\x00" * 64)
     elif damage == "wrong shape":
         tensors = load_file(weights)
-        tensors["model.layers.1.self_attn.hycam.spec_up"] = torch.zeros(5, 64, 7)
+        tensors["model.layers.1.self_attn.hycam_modules.default.B"] = torch.zeros(5, 64, 7)
         save_file(tensors, weights)
     else:
         (path / CONFIG_NAME).write_text("{not json")
@@ -138,11 +144,11 @@ def test_a_corrupt_file_is_named(trained):
 def test_a_failed_load_into_a_hycam_model_changes_no_weight(trained):
     _, path = trained
     tensors = load_file(path / WEIGHTS_NAME)
-    tensors["model.layers.1.self_attn.hycam.spec_up"] = torch.zeros(5, 64, 7)
+    tensors["model.layers.1.self_attn.hycam_modules.default.B"] = torch.zeros(5, 64, 7)
     save_file(tensors, path / WEIGHTS_NAME)
     model = hycam.apply(tiny_model(), hycam.HyCAMConfig(rank=8, init_std=0.3))
     before, logits = _state(model), model(**padded_batch()).logits
-    with pytest.raises(ValueError, match=r"spec_up has shape \(5, 64, 7\), the model \(5, 64, 8\)"):
+    with pytest.raises(ValueError, match=r"default\.B has shape \(5, 64, 7\), the model \(5, 64, 8\)"):
         hycam.load(model, path)
     _assert_unchanged(model, before, logits)
 
@@ -161,7 +167,7 @@ def test_a_checkpoint_with_a_mistyped_field_is_refused_naming_file_and_field(tra
 def test_a_trainer_full_state_dict_turns_back_into_hycam(tmp_path):
     model = hycam.apply(tiny_model(), hycam.HyCAMConfig(rank=8, init_std=0.3))
     model.save_pretrained(tmp_path)  # what Trainer.save_model writes for a model that is not a PeftModel
-    assert "model.layers.0.self_attn.hycam.router.weight" in load_file(tmp_path / "model.safetensors")
+    assert "model.layers.0.self_attn.hycam_modules.default.W_router" in load_file(tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match="full state dict, which does not record HyCAM's configuration"):
         hycam.load(tiny_model(), tmp_path)
     restored = hycam.load(tiny_model(), tmp_path, config=hycam.HyCAMConfig(rank=8))

@@ -26,7 +26,7 @@ def run(model, batch):
     torch.manual_seed(5)
     out = model(**batch, output_hycam_routing=True)
     out.loss.backward()
-    grads = [layer.self_attn.hycam.router.weight.grad.clone() for layer in model.model.layers]
+    grads = [layer.self_attn.hycam_modules["default"].W_router.grad.clone() for layer in model.model.layers]
     return out.loss.detach(), out.balance_loss.detach(), out.hycam_router_probs.detach(), grads
 
 

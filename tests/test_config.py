@@ -7,6 +7,8 @@ from conftest import tiny_model
 
 import hycam
 
+pytestmark = pytest.mark.fast
+
 
 @pytest.mark.parametrize("field, value, kind", [("rank", 8.0, "int or None"), ("num_specialized", 2.5, "int"),
                                                 ("hard_routing", "false", "bool"), ("balance_coef", "0.1", "float"),

@@ -6,18 +6,25 @@ import torch.nn.functional as F
 from conftest import padded_batch, tiny_model
 
 import hycam
-from hycam.fusion import weighted_silu_sum
+from hycam.fast import weighted_silu_sum
+
+pytestmark = pytest.mark.fast
 
 
-def reference_fusion(cam, h, tau):
+def cam_of(model, layer=0):
+    return model.model.layers[layer].self_attn.hycam_modules["default"]
+
+
+def per_expert_fusion(cam, h, tau):
     """A_fusion written out from the paper, one expert at a time, with deterministic routing."""
-    a_shared = F.silu(h @ cam.shared.weight.T)
-    logits = h @ cam.router.weight.T
-    p = torch.softmax(logits / tau, dim=-1)
-    a = cam.spec_down.down.weight.view(cam.spec_up.size(0), -1, h.size(-1))
+    n = cam.B.size(0)
+    w_shared, a = cam.W_in.detach().split([h.size(-1), n * cam.rank])
+    a_shared = F.silu(h @ w_shared.T)
+    p = torch.softmax(h @ cam.W_router.T / tau, dim=-1)
+    a = a.view(n, -1, h.size(-1))
     fusion = a_shared
-    for k in range(cam.spec_up.size(0)):
-        w_spec = cam.spec_up[k] @ cam.spec_down.mix[k] @ a[k]  # B_k N_k A_k: d x d
+    for k in range(n):
+        w_spec = cam.B[k] @ cam.N[k] @ a[k]  # B_k N_k A_k: d x d
         fusion = fusion + p[..., k : k + 1] * F.silu(h @ w_spec.T)
     return fusion
 
@@ -33,11 +40,15 @@ def captured_layer(model, layer_index=0):
     return layer, seen
 
 
-def test_fusion_equals_the_paper_formula():
+@pytest.mark.parametrize("path", ["reference", "fast"])
+def test_fusion_equals_the_paper_formula(path):
     model = hycam.apply(tiny_model(dtype=torch.float64), hycam.HyCAMConfig(rank=8, tau=0.7, init_std=0.3))
-    cam = model.model.layers[0].self_attn.hycam
+    cam = cam_of(model)
     h = torch.randn(2, 5, 64, dtype=torch.float64)
-    torch.testing.assert_close(cam(h), reference_fusion(cam, h, tau=0.7))
+    fusion, logits, probs = cam.reference_forward(h) if path == "reference" else cam(h)
+    torch.testing.assert_close(fusion, per_expert_fusion(cam, h, tau=0.7))
+    torch.testing.assert_close(logits, h @ cam.W_router.T)  # Eq. 9's logits, no bias by default
+    torch.testing.assert_close(probs, torch.softmax(logits / 0.7, dim=-1))  # eval: no Gumbel noise
 
 
 @pytest.mark.parametrize("modulate", ["attention", "residual"])
@@ -46,7 +57,7 @@ def test_modulation_applies_where_the_option_says(modulate):
     layer, seen = captured_layer(model)  # hooks registered before HyCAM's see the original h_att
     hycam.apply(model, hycam.HyCAMConfig(rank=8, init_std=0.3, modulate=modulate))
     model(**padded_batch())
-    fusion = layer.self_attn.hycam(seen["h_norm"])
+    fusion = layer.self_attn.hycam_modules["default"](seen["h_norm"])[0]
     h_in, h_att = seen["h_in"], seen["h_att"]
     if modulate == "attention":  # h_out = h_att + h_att * A, then the residual add
         expected = h_in + h_att + h_att * fusion
@@ -57,12 +68,12 @@ def test_modulation_applies_where_the_option_says(modulate):
 
 def test_lora_alpha_scales_the_specialized_pre_activation():
     config = hycam.HyCAMConfig(rank=8, init_std=0.3, shared=False, lora_alpha=32.0)
-    cam = hycam.apply(tiny_model(dtype=torch.float64), config).model.layers[0].self_attn.hycam
+    cam = cam_of(hycam.apply(tiny_model(dtype=torch.float64), config))
     h = torch.randn(1, 3, 64, dtype=torch.float64)
-    unscaled = cam.specialized_modulation(h)
+    scaled = [cam(h)[0], cam.reference_forward(h)[0]]
     cam.scale = 1.0
-    cam.spec_down.mix.data *= 32.0 / 8  # the same scale folded into N_k
-    torch.testing.assert_close(unscaled, cam.specialized_modulation(h))
+    cam.N.data *= 32.0 / 8  # the same scale folded into N_k
+    torch.testing.assert_close(scaled, [cam(h)[0], cam.reference_forward(h)[0]])
 
 
 def test_weighted_silu_sum_gradients_match_autograd():
@@ -75,6 +86,6 @@ def test_weighted_silu_sum_gradients_match_autograd():
 
 
 def test_weighted_silu_sum_value():
-    x, up, probs = torch.randn(2, 5, 3, 4), torch.randn(3, 6, 4), torch.rand(2, 5, 3)
+    x, up, probs = torch.randn(10, 3, 4), torch.randn(3, 6, 4), torch.rand(10, 3)
     expected = sum(probs[..., k : k + 1] * F.silu(x[..., k, :] @ up[k].T) for k in range(3))
     torch.testing.assert_close(weighted_silu_sum(x, up, None, probs), expected)

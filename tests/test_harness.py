@@ -22,7 +22,11 @@ def modulated(coef=0.1, **config):
 
 
 def router_grads(model) -> torch.Tensor:
-    return torch.cat([layer.self_attn.hycam.router.weight.grad.flatten() for layer in model.model.layers])
+    return torch.cat([router.grad.flatten() for router in routers(model)])
+
+
+def routers(model) -> list[torch.nn.Parameter]:
+    return [layer.self_attn.hycam_modules["default"].W_router for layer in model.model.layers]
 
 
 def labelled(batch):
@@ -176,20 +180,19 @@ def test_trl_sft_trainer_trains_the_router_with_the_balance_term(tiny_model_dir,
     model, calls = model_with_hycam(0.1), []
     model.register_forward_pre_hook(lambda m, a, k: calls.append(dict(k)) if torch.is_grad_enabled() else None,
                                     with_kwargs=True)
-    before = torch.cat([layer.self_attn.hycam.router.weight.detach().flatten() for layer in model.model.layers])
+    before = torch.cat([router.detach().flatten() for router in routers(model)])
     texts = ["Let's think step by step.", "The answer is", "Let's think. The answer is step", "step by step"]
     args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, learning_rate=1.0,
                      optim="sgd", max_grad_norm=0.0, lr_scheduler_type="constant", report_to=[], use_cpu=True,
                      save_strategy="no", max_length=32, bf16=False)  # fp32: compared with an fp32 reference
     SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": texts}),
                processing_class=AutoTokenizer.from_pretrained(tiny_model_dir)).train()
-    after = torch.cat([layer.self_attn.hycam.router.weight.detach().flatten() for layer in model.model.layers])
+    after = torch.cat([router.detach().flatten() for router in routers(model)])
     (call,) = calls
     assert call.pop("fused_lm_head") is True
     reference = model_with_hycam(0.0)
-    routers = [layer.self_attn.hycam.router.weight for layer in reference.model.layers]
     out = reference(**call)
-    task_grad = torch.cat([g.flatten() for g in torch.autograd.grad(out.loss, routers, retain_graph=True)])
-    balance_grad = torch.cat([g.flatten() for g in torch.autograd.grad(out.balance_loss, routers)])
+    task_grad = torch.cat([g.flatten() for g in torch.autograd.grad(out.loss, routers(reference), retain_graph=True)])
+    balance_grad = torch.cat([g.flatten() for g in torch.autograd.grad(out.balance_loss, routers(reference))])
     torch.testing.assert_close(before - after, task_grad + 0.1 * balance_grad)
     assert (0.1 * balance_grad).abs().max() > 100 * 1e-5  # the balance term is far above the tolerance

@@ -9,6 +9,12 @@ from conftest import padded_batch, tiny_model
 
 import hycam
 
+pytestmark = pytest.mark.fast
+
+
+def cam_of(model, layer=0):
+    return model.model.layers[layer].self_attn.hycam_modules["default"]
+
 
 def test_logits_unchanged_at_init(family):
     model, batch = tiny_model(family), padded_batch()
@@ -19,20 +25,53 @@ def test_logits_unchanged_at_init(family):
 
 def test_trainable_set_is_exactly_the_hycam_parameters(family):
     model = hycam.apply(tiny_model(family), hycam.HyCAMConfig(rank=8))
-    per_layer = ["shared.weight", "router.weight", "spec_down.down.weight", "spec_down.mix", "spec_up"]
-    expected = {f"model.layers.{i}.self_attn.hycam.{p}" for i in range(2) for p in per_layer}
-    assert set(hycam.trainable_parameters(model)) == expected
+    expected = {f"model.layers.{i}.self_attn.hycam_modules.default.{p}" for i in range(2)
+                for p in ("W_in", "W_router", "N", "B")}
+    assert set(hycam.trainable_parameters(model)) == set(hycam.hycam_parameters(model)) == expected
     assert {n for n, p in model.named_parameters() if p.requires_grad} == expected
 
 
 def test_parameter_shapes_follow_the_paper():
     model = hycam.apply(tiny_model(), hycam.HyCAMConfig(num_specialized=3, rank=8))
-    cam = model.model.layers[0].self_attn.hycam
-    assert cam.shared.weight.shape == (64, 64)  # W_shared: d x d
-    assert cam.router.weight.shape == (3, 64)  # W_router: d x N_s
-    assert cam.spec_down.down.weight.shape == (3 * 8, 64)  # A_1..A_3: r x d each
-    assert cam.spec_down.mix.shape == (3, 8, 8)  # N_k: r x r
-    assert cam.spec_up.shape == (3, 64, 8)  # B_k: d x r
+    cam = cam_of(model)
+    assert cam.W_in.shape == (64 + 3 * 8, 64)  # W_shared (d x d), then A_1..A_3 (r x d each)
+    w_shared, a = cam.input_weights()
+    assert w_shared.shape == (64, 64) and a.shape == (3 * 8, 64)
+    assert w_shared.data_ptr() == cam.W_in.data_ptr()  # views of the one parameter, no copy
+    assert cam.W_router.shape == (3, 64)  # W_router: d x N_s
+    assert cam.N.shape == (3, 8, 8)  # N_k: r x r
+    assert cam.B.shape == (3, 64, 8)  # B_k: d x r
+
+
+# Per variant (d = 64, N_s = 3, r = r_s = 8): every HyCAM parameter of a layer, its shape, and whether it trains.
+VARIANT_PARAMETERS = {
+    "hycam": {"W_in": ((88, 64), True), "W_router": ((3, 64), True), "N": ((3, 8, 8), True), "B": ((3, 64, 8), True)},
+    "shared_only": {"W_in": ((64, 64), True)},
+    "full_spec": {"W_in": ((64, 64), True), "W_router": ((3, 64), True), "B": ((3, 64, 64), True)},
+    "spec_only": {"W_in": ((24, 64), True), "W_router": ((3, 64), True), "N": ((3, 8, 8), True),
+                  "B": ((3, 64, 8), True)},
+    "inverse_peft": {"W_in": ((8, 64), True), "N_shared": ((8, 8), True), "B_shared": ((64, 8), True),
+                     "W_router": ((3, 64), True), "B": ((3, 64, 64), True)},
+    "authors": {"W_in": ((88, 64), True), "b_shared": ((64,), True), "W_router": ((3, 64), False),
+                "b_router": ((3,), False), "N": ((3, 8, 8), True), "B": ((3, 64, 8), True), "b_spec": ((3, 64), True)},
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANT_PARAMETERS))
+def test_each_variant_has_exactly_its_parameters_and_trains_them_by_its_config(variant):
+    overrides = {"num_specialized": 3} if variant != "shared_only" else {}
+    overrides |= {"shared_rank": 8} if variant == "inverse_peft" else {} if variant == "full_spec" else {"rank": 8}
+    model = hycam.apply(tiny_model(), hycam.HyCAMConfig.variant(variant, **overrides))
+    expected = {f"model.layers.{i}.self_attn.hycam_modules.default.{name}": spec for i in range(2)
+                for name, spec in VARIANT_PARAMETERS[variant].items()}
+    if variant == "authors":  # train_layernorms
+        expected |= {f"model.layers.{i}.{norm}.weight": ((64,), True) for i in range(2)
+                     for norm in ("input_layernorm", "post_attention_layernorm")}
+    params = hycam.hycam_parameters(model)
+    assert {n: (tuple(p.shape), p.requires_grad) for n, p in params.items()} == expected
+    trainable = {n for n, (_, trains) in expected.items() if trains}
+    assert set(hycam.trainable_parameters(model)) == trainable
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
 
 
 def test_backbone_gets_no_gradient(family):
@@ -71,8 +110,8 @@ def test_one_step_moves_shared_specialized_and_router_weights():
     model(**batch, labels=batch["input_ids"]).loss.backward()
     optimizer.step()
     moved = {n for n, p in hycam.trainable_parameters(model).items() if not torch.equal(p, before[n])}
-    for part in ("shared.weight", "spec_up", "router.weight"):
-        assert {f"model.layers.{i}.self_attn.hycam.{part}" for i in range(2)} <= moved
+    for part in ("W_in", "B", "W_router"):
+        assert {f"model.layers.{i}.self_attn.hycam_modules.default.{part}" for i in range(2)} <= moved
 
 
 def test_a_few_steps_lower_the_loss():
@@ -105,7 +144,7 @@ def test_backbone_parameter_names_do_not_change():
     model = tiny_model()
     names = set(model.state_dict())
     hycam.apply(model)
-    assert {n for n in model.state_dict() if ".hycam." not in n} == names
+    assert {n for n in model.state_dict() if ".hycam_modules." not in n} == names
 
 
 def test_deepcopy_is_independent():
@@ -133,30 +172,15 @@ def test_a_model_without_decoder_layers_is_refused_by_name():
 
 def test_layers_option_limits_injection():
     model = hycam.apply(tiny_model(num_hidden_layers=3), hycam.HyCAMConfig(rank=8, layers=[0, 2]))
-    assert [hasattr(layer.self_attn, "hycam") for layer in model.model.layers] == [True, False, True]
+    assert [hasattr(layer.self_attn, "hycam_modules") for layer in model.model.layers] == [True, False, True]
     assert model(**padded_batch(), output_hycam_routing=True).hycam_router_logits.shape[0] == 2
     with pytest.raises(ValueError, match="layers"):
         hycam.apply(tiny_model(), hycam.HyCAMConfig(layers=[5]))
 
 
-@pytest.mark.parametrize(
-    "variant, present, absent",
-    [
-        ("shared_only", {"shared.weight"}, {"router.weight", "spec_up"}),
-        ("spec_only", {"router.weight", "spec_up", "spec_down.mix"}, {"shared.weight"}),
-        ("full_spec", {"shared.weight", "router.weight", "spec_up"}, {"spec_down.mix"}),
-        ("inverse_peft", {"shared_down.mix", "shared.weight", "spec_up"}, {"spec_down.mix"}),
-    ],
-)
-def test_ablation_variants_have_their_parts(variant, present, absent):
-    model = hycam.apply(tiny_model(), hycam.HyCAMConfig.variant(variant))
-    parts = {n.split(".hycam.")[1] for n in hycam.trainable_parameters(model)}
-    assert present <= parts and not (absent & parts)
-
-
 def test_full_rank_specialized_cams_are_d_by_d():
     model = hycam.apply(tiny_model(), hycam.HyCAMConfig.variant("full_spec"))
-    assert model.model.layers[0].self_attn.hycam.spec_up.shape == (5, 64, 64)
+    assert cam_of(model).B.shape == (5, 64, 64)
 
 
 def test_authors_variant_trains_norms_and_not_the_router_but_saves_it():
@@ -165,8 +189,8 @@ def test_authors_variant_trains_norms_and_not_the_router_but_saves_it():
     assert "model.layers.0.input_layernorm.weight" in trainable
     assert "model.layers.1.post_attention_layernorm.weight" in trainable
     assert "model.norm.weight" not in trainable
-    assert saved - trainable == {f"model.layers.{i}.self_attn.hycam.router.{p}" for i in range(2)
-                                 for p in ("weight", "bias")}
+    assert saved - trainable == {f"model.layers.{i}.self_attn.hycam_modules.default.{p}" for i in range(2)
+                                 for p in ("W_router", "b_router")}
 
 
 def test_bad_config_values_are_refused():

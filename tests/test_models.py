@@ -23,7 +23,7 @@ def with_hycam(model_class, config_class, coef, **overrides):
 
 
 def router_grads(model) -> torch.Tensor:
-    return torch.cat([p.grad.flatten() for n, p in model.named_parameters() if n.endswith("router.weight")])
+    return torch.cat([p.grad.flatten() for n, p in model.named_parameters() if n.endswith(".W_router")])
 
 
 def assert_balance_reaches_the_router(model_class, config_class, loss_of, **overrides):
@@ -46,7 +46,7 @@ def test_a_bare_backbone_returns_its_output_with_hycams_fields_and_trains_the_ro
     backbone_class = type(AutoModel.from_config(config_class(**TINY)))
     model = with_hycam(backbone_class, config_class, 0.1)
     out = model(**padded_batch(batch=3, length=12), output_hycam_routing=True)
-    assert isinstance(out, BaseModelOutputWithPast) and type(out).__name__ == "HyCAMBaseModelOutputWithPast"
+    assert isinstance(out, BaseModelOutputWithPast) and type(out) is hycam.HyCAMModelOutput
     assert out.last_hidden_state.shape == (3, 12, 64) and out.balance_loss.shape == ()
     assert out.hycam_router_logits.shape == out.hycam_router_probs.shape == (2, 3, 12, 5)
     assert_balance_reaches_the_router(backbone_class, config_class, lambda o: o.last_hidden_state.pow(2).mean())
@@ -59,6 +59,19 @@ def test_question_answering_and_classification_heads_train_the_router_with_the_b
                                       lambda o: o.start_logits.logsumexp(-1).mean() - o.end_logits[:, 3].mean())
     assert_balance_reaches_the_router(LlamaForSequenceClassification, LlamaConfig, lambda o: o.logits[:, 1].mean(),
                                       num_labels=3)
+
+
+def test_outputs_of_any_head_pickle_as_their_hycam_class():
+    import pickle
+
+    from transformers import LlamaConfig, LlamaForQuestionAnswering
+
+    model = with_hycam(LlamaForQuestionAnswering, LlamaConfig, 0.1)
+    out = model(**padded_batch(), output_hycam_routing=True)
+    assert type(out).__name__ == "HyCAMQuestionAnsweringModelOutput"  # made on first use, named nowhere
+    again = pickle.loads(pickle.dumps(out))
+    assert type(again) is type(out) and again.keys() == out.keys()
+    torch.testing.assert_close(again.hycam_router_probs, out.hycam_router_probs)
 
 
 def test_mixtral_keeps_its_router_logits_and_aux_loss_beside_hycams():

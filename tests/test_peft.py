@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 import hycam
 
+pytestmark = pytest.mark.fast
 PEFT_FILES = {"adapter_config.json", "adapter_model.safetensors", "README.md"}
 
 
@@ -34,7 +35,7 @@ def test_get_peft_model_trains_exactly_the_hycam_parameters(family):
     model = get_peft_model(tiny_model(family), hycam.HyCAMConfig(rank=8))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     expected = {f"base_model.model.{n}" for n in hycam.trainable_parameters(model.get_base_model())}
-    assert trainable == expected and len(expected) == 2 * 5
+    assert trainable == expected and len(expected) == 2 * 4  # W_in, W_router, N, B in each of 2 layers
 
 
 def test_the_peft_model_output_carries_the_balance_loss_and_router_outputs():
@@ -50,7 +51,11 @@ def test_save_pretrained_writes_the_hycam_tensors_only(tmp_path):
     model.save_pretrained(tmp_path)
     assert {p.name for p in tmp_path.iterdir()} == PEFT_FILES
     saved = load_file(tmp_path / "adapter_model.safetensors")
-    assert set(saved) == {f"base_model.model.{n}" for n in hycam.hycam_parameters(model.get_base_model())}
+    # peft's rule: the model's names, the adapter name taken out (as LoRA's `lora_A.weight`)
+    assert set(saved) == {f"base_model.model.model.layers.{i}.self_attn.hycam_modules.{p}" for i in range(2)
+                          for p in ("W_in", "W_router", "N", "B")}
+    assert {n.replace(".hycam_modules.", ".hycam_modules.default.") for n in saved} == {
+        f"base_model.model.{n}" for n in hycam.hycam_parameters(model.get_base_model())}
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["peft_type"] == "HYCAM" and config["rank"] == 8 and config["num_specialized"] == 3
 
@@ -68,6 +73,17 @@ def test_from_pretrained_load_adapter_and_hycam_load_restore_identical_logits(fa
     base.load_adapter(str(tmp_path))
     assert torch.equal(base(**batch).logits, expected)
     assert torch.equal(hycam.load(tiny_model(family), tmp_path)(**batch).logits, expected)
+
+
+def test_an_adapter_saved_under_one_name_loads_under_another(tmp_path):
+    model = get_peft_model(tiny_model(), hycam.HyCAMConfig(rank=8, init_std=0.3), adapter_name="mine")
+    assert all(".hycam_modules.mine." in n for n in hycam.hycam_parameters(model.get_base_model()))
+    model.save_pretrained(tmp_path)
+    batch = padded_batch()
+    expected = model.eval()(**batch).logits
+    restored = PeftModel.from_pretrained(tiny_model(), tmp_path / "mine")  # peft's folder of a named adapter
+    assert torch.equal(restored(**batch).logits, expected)
+    assert torch.equal(hycam.load(tiny_model(), tmp_path / "mine")(**batch).logits, expected)
 
 
 def test_from_pretrained_trainable_trains_hycam_again(tmp_path):

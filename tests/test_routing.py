@@ -8,6 +8,8 @@ from conftest import padded_batch, tiny_model
 import hycam
 from hycam import routing
 
+pytestmark = pytest.mark.fast
+
 
 def seed_readme_balance_loss(all_router_logits, all_gumbel_probs):
     """The authors' calculate_load_balancing_loss, as their README gives it."""
@@ -90,7 +92,7 @@ def test_eval_noise_option_keeps_noise_at_evaluation():
 def test_balance_loss_alone_trains_the_router():
     model = hycam.apply(tiny_model(), hycam.HyCAMConfig(rank=8)).train()
     model(**padded_batch()).balance_loss.backward()
-    router = model.model.layers[1].self_attn.hycam.router.weight
+    router = model.model.layers[1].self_attn.hycam_modules["default"].W_router
     assert router.grad is not None and router.grad.abs().sum() > 0
 
 

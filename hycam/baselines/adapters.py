@@ -1,23 +1,20 @@
-"""What the paper's PEFT baselines share: wrap every nn.Linear of the decoder layers, take it out.
+"""What the paper's PEFT baselines share: wrap every nn.Linear of the decoder layers.
 
 Multi LoRA (`hycam.baselines.multilora`) and RieMoE-LoRA (`hycam.baselines.riemoe`) both replace a frozen `nn.Linear`
-by a module that computes `base(x) + delta(x)`. The wrapper keeps the original Linear object as
-`.base`, so removing a baseline puts back the very same modules and the backbone computes exactly
-what it did before. Trainable parameters are found by module type (every parameter of an
-`AdapterLinear` that is not its base's), never by name substrings.
+by a module that computes `base(x) + delta(x)`, keeping the original Linear object as `.base`.
+Trainable parameters are found by module type (every parameter of an `AdapterLinear` that is not its
+base's), never by name substrings.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from hycam.inject import decoder_layers, is_applied
-
-_TRAINABLE_BEFORE = "_baseline_trainable_before"
 
 
 class AdapterLinear(nn.Module):
@@ -57,45 +54,24 @@ def kaiming_uniform_(stacked: torch.Tensor) -> None:
         stacked.uniform_(-bound, bound)
 
 
-def apply_adapters(
-    model: nn.Module, wrap: Callable[[nn.Linear], AdapterLinear], target: Iterable[str] | None
-) -> nn.Module:
-    """Wraps the nn.Linear modules of every decoder layer with `wrap`, freezes the rest of the model.
+def apply_adapters(model: nn.Module, wrap: Callable[[nn.Linear], AdapterLinear]) -> nn.Module:
+    """Wraps every nn.Linear of the decoder layers with `wrap`, freezes the rest of the model.
 
     Args:
         model: a transformers causal LM (Llama, Qwen2, Mistral or laid out like them).
         wrap: builds the adapter module around one Linear.
-        target: attribute names of the Linears to wrap (e.g. `{"q_proj", "v_proj"}`);
-            None wraps every Linear inside the decoder layers.
 
     Raises:
-        ValueError: the model already has a baseline or HyCAM, or a `target` name matches nothing.
+        ValueError: the model already has a baseline or HyCAM, or its decoder layers hold no Linear.
     """
     if any(isinstance(m, AdapterLinear) for m in model.modules()) or is_applied(model):
         raise ValueError(f"{type(model).__name__} already has adapters (a baseline or HyCAM); remove them first")
-    found = _decoder_linears(model, None if target is None else set(target))
-    setattr(model, _TRAINABLE_BEFORE, [name for name, p in model.named_parameters() if p.requires_grad])
+    found = _decoder_linears(model)
     model.requires_grad_(False)
     for parent, child, linear in found:
         setattr(parent, child, wrap(linear))
     for param in adapter_parameters(model).values():
         param.requires_grad_(True)
-    return model
-
-
-def remove_adapters(model: nn.Module, kind: type[AdapterLinear]) -> nn.Module:
-    """Puts the original Linear modules back and restores which parameters required grad."""
-    wrapped = [(name, m) for name, m in model.named_modules() if isinstance(m, kind)]
-    if not wrapped:
-        raise ValueError(f"{type(model).__name__} has no {kind.__name__} modules to remove")
-    for name, module in wrapped:
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, module.base)
-    trainable = set(getattr(model, _TRAINABLE_BEFORE, ()))
-    if hasattr(model, _TRAINABLE_BEFORE):
-        delattr(model, _TRAINABLE_BEFORE)
-    for name, param in model.named_parameters():
-        param.requires_grad_(name in trainable)
     return model
 
 
@@ -110,17 +86,14 @@ def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return found
 
 
-def _decoder_linears(model: nn.Module, target: set[str] | None) -> list[tuple[nn.Module, str, nn.Linear]]:
+def _decoder_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
     """(parent, attribute name, Linear) for each Linear to wrap, collected before any is replaced."""
     found = []
     for layer in decoder_layers(model):
         for name, module in layer.named_modules():
             parent_name, _, child = name.rpartition(".")
-            if isinstance(module, nn.Linear) and (target is None or child in target):
+            if isinstance(module, nn.Linear):
                 found.append((layer.get_submodule(parent_name), child, module))
-    missing = set() if target is None else target - {child for _, child, _ in found}
-    if missing:
-        raise ValueError(f"target names {sorted(missing)} match no nn.Linear inside the decoder layers")
     if not found:
         raise ValueError(f"{type(model).__name__}: the decoder layers contain no nn.Linear to adapt")
     return found

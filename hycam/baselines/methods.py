@@ -6,7 +6,6 @@ Methods: HyCAM and its variants (`HyCAMConfig.variant` names), `lora` (peft, all
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -16,14 +15,17 @@ from safetensors.torch import load_file
 from torch import nn
 
 import hycam
-from hycam.checkpoint import (CONFIG_NAME, WEIGHTS_NAME, base_model_signature, copy_verified, gather_tensors,
-                              hycam_meta, read_config, write_checkpoint)
+from hycam.checkpoint import (base_model_signature, copy_verified, gather_tensors, hycam_meta, read_config, read_json,
+                              write_checkpoint)
 from hycam.config import VARIANTS, HyCAMConfig
+# The names this module has always used, from the one place that names files.
+from hycam.files import FULL_WEIGHTS as WEIGHTS_FILE
+from hycam.files import HYCAM_CONFIG as CONFIG_NAME
+from hycam.files import HYCAM_WEIGHTS as WEIGHTS_NAME
+from hycam.files import METHOD as METHOD_FILE
 
 BASELINES = ("lora", "multilora", "riemoe", "full")
 METHODS = VARIANTS + BASELINES
-METHOD_FILE = "method.json"
-WEIGHTS_FILE = "model.safetensors"
 
 
 @dataclass
@@ -118,12 +120,9 @@ def read_method(path: str | Path) -> dict:
     file = Path(path) / METHOD_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{path} is not a trained checkpoint: {METHOD_FILE} is missing")
-    try:
-        meta = json.loads(file.read_text())
-    except ValueError as err:
-        raise ValueError(f"{file}: not valid JSON ({err})") from None
-    if not isinstance(meta, dict) or meta.get("method") not in METHODS:
-        method = meta.get("method") if isinstance(meta, dict) else None
+    meta = read_json(file)
+    method = meta.get("method")
+    if method not in METHODS:
         raise ValueError(f"{file}: unknown method {method!r}; expected one of {', '.join(METHODS)}")
     missing = sorted({"base_model", "options"} - set(meta))
     if missing:

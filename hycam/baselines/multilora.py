@@ -8,13 +8,11 @@ scaling factor `s_i`, initialised to zero, keeps the model unchanged at step 0.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hycam.baselines.adapters import AdapterLinear, apply_adapters, kaiming_uniform_, remove_adapters
+from hycam.baselines.adapters import AdapterLinear, apply_adapters, kaiming_uniform_
 
 
 class MultiLoRALinear(AdapterLinear):
@@ -29,10 +27,9 @@ class MultiLoRALinear(AdapterLinear):
         num_adapters: n, the number of parallel adapters.
         rank: r, the rank of each adapter.
         alpha: the update is scaled by alpha / rank.
-        dropout: dropout on the adapters' input.
     """
 
-    def __init__(self, base: nn.Linear, num_adapters: int, rank: int, alpha: float, dropout: float = 0.0) -> None:
+    def __init__(self, base: nn.Linear, num_adapters: int, rank: int, alpha: float) -> None:
         super().__init__(base)
         if num_adapters < 1 or rank < 1:
             raise ValueError(f"MultiLoRALinear: num_adapters={num_adapters} and rank={rank} must be >= 1")
@@ -41,7 +38,6 @@ class MultiLoRALinear(AdapterLinear):
         self.lora_A = nn.Parameter(torch.empty(num_adapters, rank, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(num_adapters, self.out_features, rank, **factory))
         self.lora_scale = nn.Parameter(torch.empty(num_adapters, self.out_features, **factory))
-        self.dropout = nn.Dropout(dropout)
         self.initialize_parameters()
 
     def initialize_parameters(self) -> None:
@@ -52,29 +48,16 @@ class MultiLoRALinear(AdapterLinear):
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         n, out, rank = self.lora_B.shape
-        down = F.linear(self.dropout(x), self.lora_A.reshape(n * rank, -1))  # (..., n*r)
+        down = F.linear(x, self.lora_A.reshape(n * rank, -1))  # (..., n*r)
         scaled_b = self.lora_B * self.lora_scale.unsqueeze(-1)  # (n, out, r): s_i * B_i row-wise
         up = scaled_b.transpose(0, 1).reshape(out, n * rank)  # (out, n*r): [s_1 B_1 | ... | s_n B_n]
         return F.linear(down, up) * self.scaling  # (..., out)
 
 
-def apply_multilora(
-    model: nn.Module,
-    *,
-    num_adapters: int = 5,
-    rank: int = 64,
-    alpha: float = 64.0,
-    dropout: float = 0.0,
-    target: Iterable[str] | None = None,
-) -> nn.Module:
-    """Adds Multi LoRA to every Linear of the decoder layers (or those named in `target`) in place.
+def apply_multilora(model: nn.Module, *, num_adapters: int = 5, rank: int = 64, alpha: float = 64.0) -> nn.Module:
+    """Adds Multi LoRA to every Linear of the decoder layers in place.
 
     The backbone is frozen; only the adapters train. Defaults: the paper's LoRA rank (64), as many
     adapters as HyCAM has specialized CAMs (5), alpha = rank; the paper does not state its values.
     """
-    return apply_adapters(model, lambda linear: MultiLoRALinear(linear, num_adapters, rank, alpha, dropout), target)
-
-
-def remove_multilora(model: nn.Module) -> nn.Module:
-    """Takes Multi LoRA out: the original Linear modules and requires_grad flags are back."""
-    return remove_adapters(model, MultiLoRALinear)
+    return apply_adapters(model, lambda linear: MultiLoRALinear(linear, num_adapters, rank, alpha))

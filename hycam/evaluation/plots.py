@@ -31,16 +31,18 @@ def _hycam_of(model: nn.Module, layer: int) -> nn.Module:
     layers = decoder_layers(model)
     if not 0 <= layer < len(layers):
         raise ValueError(f"layer {layer} is out of range: the model has {len(layers)} decoder layers")
-    if not hasattr(layers[layer].self_attn, "hycam"):
+    modules = getattr(layers[layer].self_attn, "hycam_modules", None)
+    if modules is None:
         raise ValueError(f"decoder layer {layer} has no HyCAM module (not a HyCAM checkpoint, or not in its layers)")
-    return layers[layer].self_attn.hycam
+    (cam,) = modules.values()  # one adapter a model
+    return cam
 
 
 @torch.no_grad()
 def modulation_weights(model: nn.Module, input_ids: torch.Tensor, layer: int) -> torch.Tensor:
     """A_fusion of decoder layer `layer` for one prompt `(1, L)`: a `(L, d)` float32 tensor."""
     captured: list[torch.Tensor] = []
-    handle = _hycam_of(model, layer).register_forward_hook(lambda _m, _i, out: captured.append(out))
+    handle = _hycam_of(model, layer).register_forward_hook(lambda _m, _i, out: captured.append(out[0]))  # A_fusion
     try:
         model(input_ids=input_ids.to(next(model.parameters()).device))
     finally:
