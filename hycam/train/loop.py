@@ -68,9 +68,7 @@ def setup(cfg: TrainConfig, rank: int, world: int, log: Callable[[str], None], i
     params = methods.trainable(model, cfg.method)
     trainable = sum(p.numel() for p in params.values())
     log(f"{cfg.method}: {trainable:,} trainable of {sum(p.numel() for p in model.parameters()):,} parameters")
-    batches = len(multitask_batches(splits["train"], cfg.micro_batch_size * world, cfg.split_seed, 0,
-                                    drop_last=world > 1))
-    total = cfg.max_steps or max(1, cfg.epochs * batches // cfg.grad_accum)
+    total = _schedule_steps(cfg, splits["train"], world)
     optimizer = adamw(params, cfg)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, world),
                                       lr_scheduler=cosine_schedule(optimizer, cfg, total))
@@ -83,7 +81,14 @@ def setup(cfg: TrainConfig, rank: int, world: int, log: Callable[[str], None], i
     return Run(cfg, rank, world, engine, options, splits, meta, total, log, interrupts)
 
 
+def _schedule_steps(cfg: TrainConfig, examples: list[dict], world: int) -> int:
+    """Optimizer steps of the schedule: --max_steps, else --epochs passes over the training split."""
+    batches = len(multitask_batches(examples, cfg.micro_batch_size * world, cfg.split_seed, 0, drop_last=world > 1))
+    return cfg.max_steps or max(1, cfg.epochs * batches // cfg.grad_accum)
+
+
 def _model_with_method(cfg: TrainConfig) -> tuple[torch.nn.Module, methods.MethodOptions]:
+    """The base model with --method added (and activation checkpointing if asked), and the method's knobs."""
     model = load_model(cfg.model, cfg.gguf_file)
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)

@@ -77,8 +77,10 @@ def read(directory: Path, engine, trained: dict[str, nn.Parameter], rank: int, w
     _copy(trained, _load(directory / TRAINED), directory / TRAINED)
     optimizer, file = base_optimizer(engine), directory / _optimizer_file(rank)
     tensors, own = _load(file), masters(engine)
-    _copy({f"param.{i}": p for i, p in enumerate(own)}, {k: v for k, v in tensors.items() if k.startswith("param.")},
-          file)
+    # detached: ZeRO-3 marks its flat fp32 partitions like partitioned parameters (ds_id), but each is this
+    # rank's own and is copied as it is, not gathered
+    _copy({f"param.{i}": p.detach() for i, p in enumerate(own)},
+          {k: v for k, v in tensors.items() if k.startswith("param.")}, file)
     for key, value in tensors.items():
         if key.startswith("state."):
             _, index, name = key.split(".", 2)
