@@ -54,7 +54,7 @@ def test_a_saved_dataset_trains_like_its_task_file(tiny_model_dir, tmp_path):
     file = task_file(tmp_path / "tasks.jsonl", records)
     assert load_task_records(TrainConfig(data=[str(tmp_path / "saved")]), print) == load_records(file)
     progress, _ = loop.main(["--model", str(tiny_model_dir), "--data", str(tmp_path / "saved"),
-                              "--output_dir", str(tmp_path / "out"), *FAST])
+                             "--output_dir", str(tmp_path / "out"), *FAST])
     assert progress.step == 1
     splits = [json.loads(line)["split"] for line in (tmp_path / "out" / "metrics.jsonl").open()]
     assert splits == ["train", "validation"]
