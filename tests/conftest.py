@@ -1,6 +1,7 @@
 """Tiny random Llama, Qwen2 and Mistral models, and the paths the tests read."""
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,9 @@ FAMILIES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwe
             "mistral": (MistralConfig, MistralForCausalLM)}
 VOCAB = 128
 
-# Subprocesses the tests start (DeepSpeed, torchrun) import this checkout's hycam, installed or not.
+# The tests and the subprocesses they start (DeepSpeed, torchrun) import this checkout's hycam, installed or
+# not: plain `pytest` puts only tests/ on the path, and an installed hycam may be another checkout's.
+sys.path.insert(0, str(REPO))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 
 

@@ -107,12 +107,17 @@ def saved(model: nn.Module, method: str) -> dict[str, nn.Parameter]:
 def save_trained(model: nn.Module, method: str, options: MethodOptions, path: str | Path, info: dict) -> None:
     """Writes `method.json` and the weights to `path` atomically; HyCAM checkpoints are also
     `hycam.load`-able (ZeRO-3 aware: every rank must call this)."""
+    write_checkpoint(path, *trained_files(model, method, options, info))
+
+
+def trained_files(model: nn.Module, method: str, options: MethodOptions, info: dict) -> tuple[dict, str, dict]:
+    """What `save_trained` writes: (tensors, weights file name, {JSON file name: content}); a collective
+    under ZeRO-3. The training harness writes them into a staging folder of its own."""
     tensors = gather_tensors(saved(model, method))
     meta = {"method": method, "options": asdict(options), "base_model": base_model_signature(model), **info}
     if method in VARIANTS:
-        write_checkpoint(path, tensors, WEIGHTS_NAME, {METHOD_FILE: meta, CONFIG_NAME: hycam_meta(model)})
-    else:
-        write_checkpoint(path, tensors, WEIGHTS_FILE, {METHOD_FILE: meta})
+        return tensors, WEIGHTS_NAME, {METHOD_FILE: meta, CONFIG_NAME: hycam_meta(model)}
+    return tensors, WEIGHTS_FILE, {METHOD_FILE: meta}
 
 
 def read_method(path: str | Path) -> dict:

@@ -1,4 +1,5 @@
-"""Training configuration: one dataclass; the CLI, YAML configs and --help all come from it."""
+"""Training configuration: one dataclass; the CLI, YAML configs and --help all come from it. An option
+with a fixed set of values has a `Literal` type, which its check, its message and --help read (CHOICES)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,19 @@ import functools
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import get_type_hints
+from typing import Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
 from hycam.baselines.methods import METHODS, MethodOptions
+from hycam.config import HyCAMConfig
+from hycam.data.prompts import TEMPLATES
+
+Method = Literal[METHODS]
+Template = Literal[TEMPLATES]
+LossOn = Literal["response", "all"]
+Overflow = Literal["truncate", "skip"]
+ZeroStage = Literal[0, 1, 2, 3]
 
 
 @dataclass
@@ -31,15 +40,15 @@ class TrainConfig(MethodOptions):
     """Processes that tokenise the data (datasets.map); tokenised splits are cached between runs."""
     max_records_per_task: int | None = None
     """Use at most this many records of each task (before splitting); None uses all."""
-    method: str = "hycam"
-    """hycam, an ablation (shared_only, full_spec, spec_only, inverse_peft), authors, lora, multilora, riemoe, full."""
-    template: str = "auto"
-    """Prompt template: auto (chat if the tokenizer has one, else plain), chat, plain, authors."""
-    loss_on: str = "response"
+    method: Method = "hycam"
+    """HyCAM, one of its ablations, the authors' version, or a baseline (LoRA, Multi-LoRA, RieMoE-LoRA, full)."""
+    template: Template = "auto"
+    """Prompt template: auto is chat when the tokenizer has a chat template, else plain."""
+    loss_on: LossOn = "response"
     """'response': loss on response tokens only (paper Eq. 12); 'all': every token (authors' code)."""
     max_length: int = 1200
     """Longest tokenised sample."""
-    overflow: str = "truncate"
+    overflow: Overflow = "truncate"
     """What to do with longer samples: truncate the response, or skip the sample."""
     seed: int = 2333
     """Seed of the initialisation and the routing noise; also of the split and data order unless --data_seed."""
@@ -67,8 +76,8 @@ class TrainConfig(MethodOptions):
     """The cosine decay ends at lr * min_lr_ratio."""
     grad_clip: float = 1.0
     """Gradient-norm clipping (0 disables)."""
-    zero_stage: int = 0
-    """DeepSpeed ZeRO stage, 0-3."""
+    zero_stage: ZeroStage = 0
+    """DeepSpeed ZeRO stage."""
     offload: bool = False
     """Offload optimizer states (and ZeRO-3 parameters) to the CPU."""
     bf16: bool | None = None
@@ -118,13 +127,14 @@ def _optional(check):
     return lambda value: value is None or check(value)
 
 
+_HINTS = get_type_hints(TrainConfig)
+# balance_scope is a field of MethodOptions (a plain str there): its values are HyCAMConfig's.
+_HINTS["balance_scope"] = get_type_hints(HyCAMConfig)["balance_scope"]
+CHOICES = {name: get_args(hint) for name, hint in _HINTS.items() if get_origin(hint) is Literal}
+
 _CHECKS = {  # option: (accepts the value, what it must be)
-    "method": (lambda v: v in METHODS, f"one of {', '.join(METHODS)}"),
-    "balance_scope": (lambda v: v in ("local", "global"), "'local' or 'global'"),
-    "template": (lambda v: v in ("auto", "chat", "plain", "authors"), "auto, chat, plain or authors"),
-    "loss_on": (lambda v: v in ("response", "all"), "'response' or 'all'"),
-    "overflow": (lambda v: v in ("truncate", "skip"), "'truncate' or 'skip'"),
-    "zero_stage": (lambda v: v in (0, 1, 2, 3), "0, 1, 2 or 3"),
+    **{name: (lambda v, allowed=values: v in allowed, f"one of {', '.join(map(str, values))}")
+       for name, values in CHOICES.items()},
     "data": (lambda v: len(v) >= 1, "at least one path"),
     **{name: (lambda v: v >= 1, ">= 1") for name in (
         "rank", "num_specialized", "max_length", "epochs", "micro_batch_size", "grad_accum", "eval_interval",
@@ -174,27 +184,34 @@ class _Parser(argparse.ArgumentParser):
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """CLI options override the YAML file given by --config, which overrides the defaults. Every
     value is converted to its field's type where it is read; a bad one exits 2 naming it."""
-    parser = _Parser(prog="main.py", description=TrainConfig.__doc__, argument_default=argparse.SUPPRESS,
-                     usage="%(prog)s [--config FILE ...] [--OPTION VALUE ...]")
-    parser.add_argument("--config", action="append", help="YAML file of options; repeatable, later files "
-                        "override earlier ones, and options given on the command line override them all")
-    docs, hints = field_docs(TrainConfig), get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        default = "" if callable(f.default_factory) else f" (default: {f.default})"
-        to_type = functools.partial(_cli_value, f.name, hints[f.name])
-        parser.add_argument(f"--{f.name}", type=to_type, nargs="+" if _is_list(hints[f.name]) else None,
-                            help=docs.get(f.name, "") + default)
+    parser = _parser()
     cli = vars(parser.parse_args(argv))
     values, sources = {}, {}
     try:
         for path in cli.pop("config", []):
-            read = _read_yaml(Path(path), hints)
+            read = _read_yaml(Path(path), _HINTS)
             values.update(read)
             sources.update(dict.fromkeys(read, path))
         sources.update(dict.fromkeys(cli))
         return TrainConfig(**{**values, **cli})
     except ConfigError as err:
         parser.error(str(ConfigError(err.option, err.problem, err.source or sources.get(err.option))))
+
+
+def _parser() -> _Parser:
+    """main.py's command line: --config, then one option per TrainConfig field, its help from the field."""
+    parser = _Parser(prog="main.py", description=TrainConfig.__doc__, argument_default=argparse.SUPPRESS,
+                     usage="%(prog)s [--config FILE ...] [--OPTION VALUE ...]")
+    parser.add_argument("--config", action="append", help="YAML file of options; repeatable, later files "
+                        "override earlier ones, and options given on the command line override them all")
+    docs = field_docs(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        choices = f" One of: {', '.join(map(str, CHOICES[f.name]))}." if f.name in CHOICES else ""
+        default = "" if callable(f.default_factory) else f" (default: {f.default})"
+        to_type = functools.partial(_cli_value, f.name, _HINTS[f.name])
+        parser.add_argument(f"--{f.name}", type=to_type, nargs="+" if _is_list(_HINTS[f.name]) else None,
+                            help=docs.get(f.name, "") + choices + default)
+    return parser
 
 
 def convert(option: str, hint, value):
@@ -209,7 +226,7 @@ def convert(option: str, hint, value):
         if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
             raise ConfigError(option, f"expected a path or a list of paths, got {value!r}")
         return items
-    base = next(a for a in getattr(hint, "__args__", (hint,)) if a is not type(None))
+    base = _value_type(hint)
     try:
         return _SCALARS[base](value)
     except (TypeError, ValueError):
@@ -244,6 +261,12 @@ def _to_str(value) -> str:
 
 _SCALARS = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
 _NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _value_type(hint) -> type:
+    """The Python type of the values of `hint`: Optional taken off, a Literal's values' type."""
+    args = [a for a in getattr(hint, "__args__", (hint,)) if a is not type(None)]
+    return type(args[0]) if get_origin(hint) is Literal else args[0]
 
 
 def _is_list(hint) -> bool:

@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from hycam.checkpoint import gather_tensors, gathered
+from hycam.checkpoint import copy_verified, gather_tensors, read_json
 from hycam.train.rundir import RunDirError
 
 STATE, TRAINED = "state.json", "trained.safetensors"
@@ -71,14 +71,16 @@ def read(directory: Path, engine, trained: dict[str, nn.Parameter], rank: int, w
     if not (directory / STATE).is_file():
         raise RunDirError(f"{directory} holds no {STATE}: not a resume state of this hycam (older ones held "
                           "DeepSpeed's pickled state, which is not loaded); start a new --output_dir")
-    meta = _read_json(directory / STATE)
+    meta = _read_state(directory / STATE)
     if meta.get("world_size") != world:
         raise RunDirError(f"{directory}: saved by {meta.get('world_size')} processes, resumed on {world}")
-    _copy(trained, _load(directory / TRAINED), directory / TRAINED, whole=True)
+    _copy(trained, _load(directory / TRAINED), directory / TRAINED)
     optimizer, file = base_optimizer(engine), directory / _optimizer_file(rank)
     tensors, own = _load(file), masters(engine)
-    _copy({f"param.{i}": p for i, p in enumerate(own)}, {k: v for k, v in tensors.items() if k.startswith("param.")},
-          file)
+    # detached: ZeRO-3 marks its flat fp32 partitions like partitioned parameters (ds_id), but each is this
+    # rank's own and is copied as it is, not gathered
+    _copy({f"param.{i}": p.detach() for i, p in enumerate(own)},
+          {k: v for k, v in tensors.items() if k.startswith("param.")}, file)
     for key, value in tensors.items():
         if key.startswith("state."):
             _, index, name = key.split(".", 2)
@@ -103,17 +105,12 @@ def _set_hyperparameters(file: Path, optimizer: torch.optim.Optimizer) -> None:
         group.update({k: tuple(v) if isinstance(group.get(k), tuple) else v for k, v in values.items()})
 
 
-def _copy(params: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], file: Path, whole: bool = False) -> None:
-    """Copies `tensors` into `params`; `whole`: gather ZeRO-3 partitioned parameters around the copy."""
-    if set(params) != set(tensors):
-        missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
-        raise RunDirError(f"{file} does not match this run: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    with gathered(list(params.values()) if whole else [], modifier_rank=0), torch.no_grad():
-        for name, param in params.items():
-            if tensors[name].shape != param.shape:
-                raise RunDirError(f"{file}: {name} has shape {tuple(tensors[name].shape)}, "
-                                  f"this run {tuple(param.shape)}")
-            param.copy_(tensors[name])
+def _copy(params: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], file: Path) -> None:
+    """`copy_verified`, its refusal a RunDirError: the command line stops with exit code 2."""
+    try:
+        copy_verified(params, tensors, file)
+    except ValueError as err:
+        raise RunDirError(str(err)) from None
 
 
 def _load(file: Path) -> dict[str, torch.Tensor]:
@@ -123,8 +120,8 @@ def _load(file: Path) -> dict[str, torch.Tensor]:
         raise RunDirError(f"{file}: cannot read the resume state ({err})") from None
 
 
-def _read_json(file: Path) -> dict:
+def _read_state(file: Path) -> dict:
     try:
-        return json.loads(file.read_text())
+        return read_json(file)
     except (OSError, ValueError) as err:
         raise RunDirError(f"{file}: cannot read the resume state ({err})") from None

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import shutil
 import socket
@@ -22,11 +21,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from hycam.checkpoint import read_json
+from hycam.files import BEST, LAST, LOCK, METRICS, RESUME, RUN_CONFIG, SUMMARY
 from hycam.train.config import TrainConfig
+from hycam.train.metrics import TENSORBOARD
 
-RUN_CONFIG = "run_config.json"
-CHECKPOINTS = ("resume", "best", "last")
-LOCK = ".lock"
+CHECKPOINTS = (RESUME, BEST, LAST)
 # Options a resumed run may set differently: none of them changes what the run computes.
 MAY_CHANGE = {"resume", "halt_after_steps", "local_rank", "log_interval", "output_dir", "dist_timeout",
               "stale_lock_minutes"}
@@ -85,18 +85,18 @@ def prepare(cfg: TrainConfig, world: int, log) -> bool:
         if not recorded.is_file():
             raise RunDirError(f"--resume: {out} holds no run to resume ({RUN_CONFIG} is missing)")
         check_same_run(cfg, world, recorded)
-        if (out / "summary.json").is_file():
-            raise RunDirError(f"--resume: the run in {out} has finished ({out / 'summary.json'}); nothing to resume")
-        if (out / "resume").is_dir():
+        if (out / SUMMARY).is_file():
+            raise RunDirError(f"--resume: the run in {out} has finished ({out / SUMMARY}); nothing to resume")
+        if (out / RESUME).is_dir():
             return True
         log(f"--resume: {out} has no resume state (the run stopped before its first evaluation): "
             "starting it again from step 0")
     elif any((out / name).exists() for name in CHECKPOINTS):
         raise RunDirError(f"--output_dir {out} already holds a run with checkpoints: pass --resume true to "
                           "continue it, or choose another directory")
-    elif recorded.exists() or (out / "metrics.jsonl").exists():
+    elif recorded.exists() or (out / METRICS).exists():
         log(f"replacing the run in {out}: it stopped before saving any checkpoint")
-    for name in ("metrics.jsonl", "summary.json", "tensorboard"):
+    for name in (METRICS, SUMMARY, TENSORBOARD):
         _remove(out / name)
     return False
 
@@ -104,9 +104,9 @@ def prepare(cfg: TrainConfig, world: int, log) -> bool:
 def check_same_run(cfg: TrainConfig, world: int, recorded_file: Path) -> None:
     """Refuses a resume whose options differ from the recorded run's, naming the first that does."""
     try:
-        recorded = json.loads(recorded_file.read_text())
+        recorded = read_json(recorded_file)
     except (OSError, ValueError) as err:
-        raise RunDirError(f"--resume: cannot read {recorded_file}: {err}") from None
+        raise RunDirError(f"--resume: cannot read the recorded run: {err}") from None  # err names the file
     for name, value in {**asdict(cfg), "world_size": world}.items():
         if name in MAY_CHANGE or name not in recorded or recorded[name] == value:
             continue

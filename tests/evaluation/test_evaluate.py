@@ -25,7 +25,7 @@ from hycam.evaluation.scoring import average
 from hycam.baselines.methods import MethodOptions, save_trained
 from hycam.evaluation.metrics import perplexity
 from hycam.train.config import TrainConfig
-from hycam.train.run import load_task_records
+from hycam.train.splits import load_task_records
 
 TASKS = ("codealpaca", "icliniq")
 SEED = 3

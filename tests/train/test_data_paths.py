@@ -10,10 +10,10 @@ import datasets
 import pytest
 from conftest import REPO
 
-import main as train
 from hycam.data import load_records, synthetic_tasks
+from hycam.train import loop
 from hycam.train.config import TrainConfig
-from hycam.train.run import load_task_records
+from hycam.train.splits import load_task_records
 
 FAST = ["--max_records_per_task", "3", "--max_length", "512", "--micro_batch_size", "2", "--grad_accum", "1",
         "--rank", "8", "--num_specialized", "3", "--max_eval_records_per_task", "1", "--patience", "0",
@@ -53,8 +53,8 @@ def test_a_saved_dataset_trains_like_its_task_file(tiny_model_dir, tmp_path):
     datasets.Dataset.from_list([vars(r) for r in records]).save_to_disk(str(tmp_path / "saved"))
     file = task_file(tmp_path / "tasks.jsonl", records)
     assert load_task_records(TrainConfig(data=[str(tmp_path / "saved")]), print) == load_records(file)
-    progress, _ = train.main(["--model", str(tiny_model_dir), "--data", str(tmp_path / "saved"),
-                              "--output_dir", str(tmp_path / "out"), *FAST])
+    progress, _ = loop.main(["--model", str(tiny_model_dir), "--data", str(tmp_path / "saved"),
+                             "--output_dir", str(tmp_path / "out"), *FAST])
     assert progress.step == 1
     splits = [json.loads(line)["split"] for line in (tmp_path / "out" / "metrics.jsonl").open()]
     assert splits == ["train", "validation"]

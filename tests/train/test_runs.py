@@ -17,8 +17,8 @@ from conftest import REPO, SHARED_DATA
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-import main as train
 from hycam.baselines import methods
+from hycam.train import loop
 from test_train import FAST, strict_json
 
 SCHEDULE = ["--max_steps", "30", "--eval_interval", "15", "--lr", "1e-2", "--epochs", "100"]
@@ -33,7 +33,7 @@ def cli(args) -> tuple[int, str]:
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         try:
-            train.cli(args)
+            loop.cli(args)
         except SystemExit as stop:
             return stop.code, err.getvalue()
     return 0, err.getvalue()
@@ -82,7 +82,7 @@ def straight(tiny_model_dir, tmp_path_factory):
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} is not there")
     out = tmp_path_factory.mktemp("straight") / "run"
-    train.main(argv(tiny_model_dir, out))
+    loop.main(argv(tiny_model_dir, out))
     return out
 
 
@@ -163,11 +163,11 @@ def test_a_nan_before_the_first_evaluation_says_so_and_a_rerun_replaces_the_run(
     with monkeypatch.context() as patch:
         patch.setattr(methods, "prepare", poisoned)
         with pytest.raises(SystemExit, match="the loss is nan at step 2") as stop:
-            train.main(argv(tiny_model_dir, out))
+            loop.main(argv(tiny_model_dir, out))
     assert str(stop.value).endswith(f"No evaluation finished before, so no checkpoint was kept; a new run may "
                                     f"reuse {out}.")
     assert [strict_json(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
-    train.main(argv(tiny_model_dir, out, "--max_steps", "2", "--eval_interval", "2"))
+    loop.main(argv(tiny_model_dir, out, "--max_steps", "2", "--eval_interval", "2"))
     assert train_steps(out) == [1, 2] and (out / "last").is_dir()
 
 
@@ -175,7 +175,7 @@ def test_a_nan_before_the_first_evaluation_says_so_and_a_rerun_replaces_the_run(
 def halted(tiny_model_dir, straight, tmp_path_factory):
     """A run halted after step 20: best/ and resume/ of its evaluation at step 15."""
     out = tmp_path_factory.mktemp("halted") / "run"
-    train.main(argv(tiny_model_dir, out, "--halt_after_steps", "20"))
+    loop.main(argv(tiny_model_dir, out, "--halt_after_steps", "20"))
     return out
 
 

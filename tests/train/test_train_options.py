@@ -1,6 +1,7 @@
 """main.py's options: YAML and CLI values converted to their types where they are read, and bad
 ones refused before anything starts, in one line naming the file, the key and what is wrong."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -8,14 +9,14 @@ import sys
 import pytest
 from conftest import REPO
 
-import main as train
-from hycam.train.config import parse_args
+from hycam.train import loop
+from hycam.train.config import CHOICES, TrainConfig, parse_args
 
 
 def error_of(argv, capsys) -> str:
     """The one stderr line of a refused command line (exit code 2)."""
     with pytest.raises(SystemExit) as stop:
-        train.cli(argv)
+        loop.cli(argv)
     assert stop.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1, lines
@@ -81,3 +82,15 @@ def test_a_malformed_task_file_is_one_line_naming_file_and_line(tiny_model_dir, 
     line = error_of(["--model", str(tiny_model_dir), "--data", str(bad), "--output_dir", str(tmp_path / "out")],
                     capsys)
     assert line.startswith("main.py: error: ") and str(bad) in line and ("line 2" in line or f"{bad}:2" in line)
+
+
+def test_python_main_py_help_lists_every_option_and_the_values_it_takes():
+    done = subprocess.run([sys.executable, str(REPO / "main.py"), "--help"], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+    assert done.returncode == 0, done.stderr
+    words = done.stdout.split()
+    assert {f"--{f.name}" for f in dataclasses.fields(TrainConfig)} | {"--config"} <= set(words)
+    text = " ".join(words)  # argparse wraps the help
+    for values in CHOICES.values():
+        assert f"One of: {', '.join(map(str, values))}." in text
+    assert "One of: auto, chat, plain, authors. (default: auto)" in text

@@ -1,0 +1,56 @@
+"""How the trained parameters are updated: AdamW's groups, the cosine schedule, the DeepSpeed config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup  # not top-level on 4.45
+
+from hycam.train.config import TrainConfig
+
+
+def adamw(params: dict[str, nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW at --lr; --weight_decay on matrices only, never on biases, norms or other vectors."""
+    groups = [{"params": [p for p in params.values() if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params.values() if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total: int):
+    """Linear warm-up over --warmup_ratio of the `total` steps, then cosine decay to lr * --min_lr_ratio."""
+    return get_cosine_with_min_lr_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total,
+                                                       min_lr_rate=cfg.min_lr_ratio)
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
+    """The engine's config from the options; a --deepspeed_config file overrides its entries."""
+    bf16 = torch.cuda.is_available() if cfg.bf16 is None else cfg.bf16
+    config = {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": cfg.micro_batch_size * cfg.grad_accum * world_size,
+        "gradient_clipping": cfg.grad_clip,
+        "bf16": {"enabled": bf16},
+        "zero_optimization": _zero(cfg),
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+    }
+    if cfg.deepspeed_config:
+        path = Path(cfg.deepspeed_config)
+        if not path.is_file():
+            raise FileNotFoundError(f"--deepspeed_config {path}: no such file")
+        config.update(json.loads(path.read_text()))
+    return config
+
+
+def _zero(cfg: TrainConfig) -> dict:
+    zero = {"stage": cfg.zero_stage}
+    if cfg.offload and cfg.zero_stage > 0:
+        zero["offload_optimizer"] = {"device": "cpu"}
+        if cfg.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu"}
+    return zero
