@@ -1,7 +1,7 @@
 """Multi-task supervised fine-tuning with DeepSpeed: HyCAM, its ablations and the paper's baselines.
 
     python main.py --config configs/cpu_smollm2.yaml            # one process (CPU or one GPU)
-    deepspeed main.py --config configs/qwen2.5-0.5b.yaml        # every GPU of this machine
+    deepspeed main.py --config configs/paper/qwen2.5-0.5b.yaml  # every GPU of this machine
     torchrun --nproc_per_node 2 main.py --config ...            # the same, started by torch
     bash run_model_base.sh --help                               # multi-GPU / multi-node launcher
     python main.py --help                                       # every option, with its default
