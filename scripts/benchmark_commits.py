@@ -27,8 +27,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("new", nargs="?", default=None, help="a commit; default: the working tree")
     p.add_argument("--rounds", type=int, default=2, help="benchmark runs of each commit, alternating")
     p.add_argument("--out", default="benchmark_out/commits", help="folder for each run's output and the table")
-    p.add_argument("benchmark_args", nargs=argparse.REMAINDER, help="after --: passed to scripts/benchmark.py")
-    return p.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = p.parse_args(argv[:cut])
+    args.benchmark_args = argv[cut + 1 :]  # after --: passed to scripts/benchmark.py
+    return args
 
 
 def benchmark(tree: Path, out: Path, args: list[str]) -> dict[str, float]:
@@ -40,7 +43,7 @@ def benchmark(tree: Path, out: Path, args: list[str]) -> dict[str, float]:
 
 def table(labels: tuple[str, str], runs: list[tuple[str, dict[str, float]]]) -> str:
     names = list(dict.fromkeys(name for _, ratios in runs for name in ratios))
-    header = [*(f"{label} run {i + 1}" for i, (label, _) in enumerate(runs)), *(f"{x} median" for x in labels)]
+    header = [*(f"{label} {i // len(labels) + 1}" for i, (label, _) in enumerate(runs)), *(f"{x} median" for x in labels)]
     lines = ["| ratio | " + " | ".join(header) + " |", "|---|" + "---:|" * len(header)]
     for name in names:
         cells = [f"{ratios[name]:.3f}" if name in ratios else "" for _, ratios in runs]
@@ -53,7 +56,7 @@ def table(labels: tuple[str, str], runs: list[tuple[str, dict[str, float]]]) -> 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    extra = [a for a in args.benchmark_args if a != "--"]
+    extra = args.benchmark_args
     out = Path(args.out).resolve()
     with tempfile.TemporaryDirectory() as scratch:
         trees = {}
