@@ -26,6 +26,10 @@ from hycam.data.batching import IGNORE_INDEX
 from hycam.data.records import Record
 
 TEMPLATES = ("auto", "chat", "plain", "authors")
+LOSS_ON = ("response", "all")
+"""Which tokens the loss covers: the response only (the paper's Eq. 12) or every token (the authors' code)."""
+OVERFLOW = ("truncate", "skip")
+"""What happens to a record longer than max_length: its response cut, or the record skipped."""
 
 _ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further "
@@ -72,7 +76,7 @@ def format_prompt(record: Record, tokenizer: Any, template: str = "auto") -> str
 
 
 @dataclass(frozen=True)
-class _Plan:
+class TokenPlan:
     """Validated tokenisation settings, resolved once for a whole data set."""
 
     template: str
@@ -83,17 +87,18 @@ class _Plan:
     overflow: str
 
 
-def _plan(tokenizer: Any, max_length: int, template: str, loss_on: str, overflow: str) -> _Plan:
+def token_plan(tokenizer: Any, max_length: int, template: str, loss_on: str, overflow: str) -> TokenPlan:
+    """The settings checked (a ValueError names the bad one) and the template resolved for `tokenizer`."""
     if not isinstance(max_length, int) or max_length < 2:
         raise ValueError(f"max_length must be an int >= 2, got {max_length!r}")
-    if loss_on not in ("response", "all"):
+    if loss_on not in LOSS_ON:
         raise ValueError(f"loss_on must be 'response' or 'all', got {loss_on!r}")
-    if overflow not in ("truncate", "skip"):
+    if overflow not in OVERFLOW:
         raise ValueError(f"overflow must be 'truncate' or 'skip', got {overflow!r}")
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos_token_id: set tokenizer.eos_token first")
     name = resolve_template(tokenizer, template)
-    return _Plan(name, _special_prefix(tokenizer, name), tokenizer.eos_token_id, max_length, loss_on, overflow)
+    return TokenPlan(name, _special_prefix(tokenizer, name), tokenizer.eos_token_id, max_length, loss_on, overflow)
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
@@ -115,7 +120,7 @@ def _special_prefix(tokenizer: Any, template: str) -> list[int]:
     return []
 
 
-def _split_ids(record: Record, tokenizer: Any, plan: _Plan) -> tuple[list[int], list[int]]:
+def _split_ids(record: Record, tokenizer: Any, plan: TokenPlan) -> tuple[list[int], list[int]]:
     """Prompt ids exactly as generation sees them, and the response ids that follow them.
 
     The full text is tokenised once so the response gets its natural in-context tokens. Where the
@@ -135,7 +140,7 @@ def prompt_ids(record: Record, tokenizer: Any, template: str = "auto") -> list[i
     return _special_prefix(tokenizer, name) + _encode(tokenizer, format_prompt(record, tokenizer, name))
 
 
-def _tokenize(record: Record, tokenizer: Any, plan: _Plan) -> tuple[dict | None, str]:
+def tokenize_with(record: Record, tokenizer: Any, plan: TokenPlan) -> tuple[dict | None, str]:
     """The example and what happened to it: "kept", "truncated" or "skipped"."""
     prompt, response = _split_ids(record, tokenizer, plan)
     response = response + [plan.eos_id]
@@ -161,8 +166,8 @@ def tokenize_record(record: Record, tokenizer: Any, max_length: int, template: s
     exceed ``max_length``: ``overflow="truncate"`` cuts the response, or skips the record if the
     prompt leaves no room for a response token; ``overflow="skip"`` skips it. Skipped gives None.
     """
-    plan = _plan(tokenizer, max_length, template, loss_on, overflow)
-    return _tokenize(record, tokenizer, plan)[0]
+    plan = token_plan(tokenizer, max_length, template, loss_on, overflow)
+    return tokenize_with(record, tokenizer, plan)[0]
 
 
 @dataclass
@@ -182,10 +187,10 @@ class TokenizeStats:
 def tokenize_records(records: list[Record], tokenizer: Any, max_length: int, template: str = "auto",
                      loss_on: str = "response", overflow: str = "truncate") -> tuple[list[dict], TokenizeStats]:
     """``tokenize_record`` over a data set, with the counts a run should report."""
-    plan = _plan(tokenizer, max_length, template, loss_on, overflow)
+    plan = token_plan(tokenizer, max_length, template, loss_on, overflow)
     examples, stats = [], TokenizeStats()
     for record in records:
-        example, outcome = _tokenize(record, tokenizer, plan)
+        example, outcome = tokenize_with(record, tokenizer, plan)
         getattr(stats, outcome)[record.task] += 1
         if example is not None:
             examples.append(example)

@@ -15,7 +15,7 @@ from dataclasses import astuple
 from pathlib import Path
 from typing import Any
 
-from hycam.data.prompts import TokenizeStats, _plan, _Plan, _tokenize
+from hycam.data.prompts import TokenizeStats, TokenPlan, token_plan, tokenize_with
 from hycam.data.records import FIELDS, Record
 
 CACHE_FOLDER = "hycam-tokenized"
@@ -29,7 +29,7 @@ def tokenize_cached(records: Sequence[Record], tokenizer: Any, max_length: int, 
     """``tokenize_records(records, tokenizer, ...)``, computed in ``num_proc`` processes and cached."""
     import datasets
 
-    plan = _plan(tokenizer, max_length, template, loss_on, overflow)
+    plan = token_plan(tokenizer, max_length, template, loss_on, overflow)
     if not isinstance(num_proc, int) or num_proc < 1:
         raise ValueError(f"num_proc must be an int >= 1, got {num_proc!r}")
     if not records:
@@ -44,7 +44,7 @@ def tokenize_cached(records: Sequence[Record], tokenizer: Any, max_length: int, 
     return _unpack(mapped.to_dict())
 
 
-def fingerprint(records: Sequence[Record], tokenizer: Any, plan: _Plan) -> str:
+def fingerprint(records: Sequence[Record], tokenizer: Any, plan: TokenPlan) -> str:
     """32 hex digits naming the tokenised result of ``records`` under ``tokenizer`` and ``plan``."""
     from datasets.fingerprint import Hasher
 
@@ -65,12 +65,12 @@ def _features():
     return datasets.Features({"input_ids": ids, "labels": ids, "attention_mask": mask, "task": text, "outcome": text})
 
 
-def _tokenize_batch(batch: dict[str, list], tokenizer: Any, plan: _Plan) -> dict[str, list]:
+def _tokenize_batch(batch: dict[str, list], tokenizer: Any, plan: TokenPlan) -> dict[str, list]:
     """One map batch: a row per record, a skipped record as empty lists with outcome "skipped"."""
     out: dict[str, list] = {"input_ids": [], "labels": [], "attention_mask": [], "task": [], "outcome": []}
     for values in zip(*(batch[name] for name in FIELDS)):
         record = Record(*values)
-        example, outcome = _tokenize(record, tokenizer, plan)
+        example, outcome = tokenize_with(record, tokenizer, plan)
         example = example or {"input_ids": [], "labels": [], "attention_mask": [], "task": record.task}
         for name in ("input_ids", "labels", "attention_mask", "task"):
             out[name].append(example[name])

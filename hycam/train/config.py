@@ -16,12 +16,12 @@ import yaml
 
 from hycam.baselines.methods import METHODS, MethodOptions
 from hycam.config import HyCAMConfig
-from hycam.data.prompts import TEMPLATES
+from hycam.data.prompts import LOSS_ON, OVERFLOW, TEMPLATES
 
 Method = Literal[METHODS]
 Template = Literal[TEMPLATES]
-LossOn = Literal["response", "all"]
-Overflow = Literal["truncate", "skip"]
+LossOn = Literal[LOSS_ON]
+Overflow = Literal[OVERFLOW]
 ZeroStage = Literal[0, 1, 2, 3]
 
 

@@ -35,7 +35,7 @@ def test_a_rerun_reads_the_cache_and_a_changed_setting_does_not(tokenizer, tmp_p
     def refuse(*args):
         raise AssertionError("tokenised again")
 
-    monkeypatch.setattr(tokencache, "_tokenize", refuse)
+    monkeypatch.setattr(tokencache, "tokenize_with", refuse)
     assert tokenize_cached(RECORDS, tokenizer, cache_dir=tmp_path, **SETTINGS[0]) == first
     for changed in ({**SETTINGS[0], "max_length": 81}, {**SETTINGS[0], "template": "plain"}):
         with pytest.raises(AssertionError, match="tokenised again"):
