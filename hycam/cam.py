@@ -28,9 +28,10 @@ class HyCAM(nn.Module):
     d x d matrices, W_k = B_k. InversePEFT (`shared_rank`) makes the shared CAM low rank instead:
     W_shared = B_shared N_shared A_shared. s = lora_alpha / r when `lora_alpha` is set, else 1.
 
-    The matrices that read h_norm and always train together are one parameter, `W_in`: the rows of
-    W_shared (or A_shared), then A_1..A_N. One matmul reads h_norm for all of them; the router keeps
-    its own parameter so that `train_router=False` can freeze it alone.
+    The matrices that read h_norm and train are one parameter, `W_in`: the rows of W_shared (or
+    A_shared), then A_1..A_N, then W_router. One matmul reads h_norm for all of them, which is what a
+    decoding step of one token spends its time on. A router that does not train (`train_router=False`,
+    the authors' code) is a parameter of its own, `W_router`: one parameter has one `requires_grad`.
 
     Args:
         hidden_size: d, the model's `config.hidden_size` (under ZeRO-3 weight shapes are empty).
@@ -44,16 +45,17 @@ class HyCAM(nn.Module):
         self.num_specialized, self.rank = n, r
         self.shared_rows = (r_s or d) if config.shared else 0
         self.spec_rows = n * r if n and r else 0
+        self.router_rows = n if config.train_router else 0
         self.tau, self.hard, self.eval_noise = config.tau, config.hard_routing, config.eval_noise
         self.scale = config.lora_alpha / r if config.lora_alpha else 1.0
         self.init_std = config.init_std
         low_rank_shared, bias = config.shared and r_s is not None, config.bias
-        rows = self.shared_rows + self.spec_rows
-        self.W_in = _param(rows > 0, rows, d, **factory)  # [W_shared or A_shared; A_1; ...; A_N]
+        rows = self.shared_rows + self.spec_rows + self.router_rows
+        self.W_in = _param(rows > 0, rows, d, **factory)  # [W_shared or A_shared; A_1; ...; A_N; W_router]
         self.N_shared = _param(low_rank_shared, r_s, r_s, **factory)
         self.B_shared = _param(low_rank_shared, d, r_s, **factory)
         self.b_shared = _param(config.shared and bias, d, **factory)
-        self.W_router = _param(n > 0, n, d, **factory)
+        self.W_router = _param(n > 0 and not self.router_rows, n, d, **factory)  # a frozen router
         self.b_router = _param(n > 0 and bias, n, **factory)
         self.N = _param(n > 0 and r is not None, n, r, r, **factory)
         self.B = _param(n > 0, n, d, r or d, **factory)
@@ -66,7 +68,7 @@ class HyCAM(nn.Module):
         W_router Kaiming-uniform as `nn.Linear` (fan-in d); N_k and N_shared the same per expert (fan-in r);
         b_router as `nn.Linear`'s bias, the other biases zeros."""
         self._draw_linear_inits()
-        W_shared, _ = self.input_weights()
+        W_shared, _, _ = self.input_weights()
         for weight in _present(W_shared if self.B_shared is None else self.B_shared, self.B):
             if self.init_std:
                 nn.init.normal_(weight, std=self.init_std)
@@ -79,14 +81,14 @@ class HyCAM(nn.Module):
         """`nn.Linear`'s init (weight, bias) of every matrix that is not zero-initialised, in hycam 0.1.0's
         order and with the draws that `reset_parameters` then overwrites, so that a seed still gives the
         weights (and the runs) it gave."""
-        W_shared, A = self.input_weights()
+        W_shared, A, W_router = self.input_weights()
         parts = []  # (weight, bias or None), in the order 0.1.0 built its layers
         if self.B_shared is not None:  # its shared_down drew A_shared twice, then N_shared; then shared
             parts += [(W_shared, None), (W_shared, None), (self.N_shared, None), (self.B_shared, self.b_shared)]
         elif W_shared is not None:
             parts.append((W_shared, self.b_shared))
-        if self.W_router is not None:
-            parts.append((self.W_router, self.b_router))
+        if W_router is not None:
+            parts.append((W_router, self.b_router))
         if A is not None:  # its spec_down drew A twice, then each N_k (fan-in r)
             parts += [(A, None), (A, None), *((mix, None) for mix in self.N)]
         for weight, bias in parts:
@@ -94,15 +96,17 @@ class HyCAM(nn.Module):
             if bias is not None:
                 nn.init.uniform_(bias, -1 / math.sqrt(weight.size(1)), 1 / math.sqrt(weight.size(1)))
 
-    def input_weights(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """W_shared (A_shared under InversePEFT) and A_1..A_N stacked: views of `W_in`, None where absent."""
+    def input_weights(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """W_shared (A_shared under InversePEFT), A_1..A_N stacked, and W_router: views of `W_in` (a frozen
+        router: its own parameter), None where absent."""
         if self.W_in is None:
-            return None, None
-        W_shared, A = self.W_in.split([self.shared_rows, self.spec_rows])
-        return (W_shared if self.shared_rows else None), (A if self.spec_rows else None)
+            return None, None, self.W_router
+        parts = self.W_in.split([self.shared_rows, self.spec_rows, self.router_rows])
+        W_shared, A, W_router = (part if part.size(0) else None for part in parts)
+        return W_shared, A, (self.W_router if W_router is None else W_router)
 
     def router_parameters(self) -> list[nn.Parameter]:
-        """W_router and b_router: what `train_router=False` freezes."""
+        """The router's own parameters, W_router and b_router: what `train_router=False` freezes."""
         return [p for p in (self.W_router, self.b_router) if p is not None]
 
     def route(self, logits: torch.Tensor) -> torch.Tensor:
@@ -120,16 +124,16 @@ class HyCAM(nn.Module):
 
     def reference_forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Eq. 8-11 as the class docstring writes them: the definition the fast path is tested against."""
-        W_shared, A = self.input_weights()  # (d or r_s, d), (N_s r, d)
+        W_shared, A, W_router = self.input_weights()  # (d or r_s, d), (N_s r, d), (N_s, d)
         A_fusion = 0
         if W_shared is not None and self.B_shared is None:
             A_fusion = F.silu(F.linear(h, W_shared, self.b_shared))  # A_shared (B, L, d)
         elif W_shared is not None:  # InversePEFT: W_shared = B_shared N_shared A_shared
             x = F.linear(F.linear(h, W_shared), self.N_shared)  # (B, L, r_s)
             A_fusion = F.silu(F.linear(x, self.B_shared, self.b_shared))  # A_shared (B, L, d)
-        if self.W_router is None:
+        if W_router is None:
             return A_fusion, None, None
-        logits = F.linear(h, self.W_router, self.b_router)  # (B, L, N_s)
+        logits = F.linear(h, W_router, self.b_router)  # (B, L, N_s)
         p = self.route(logits)  # (B, L, N_s), float32
         if A is None:  # full-rank experts read h_norm itself: W_k = B_k
             x = h.unsqueeze(-2).expand(*h.shape[:-1], self.num_specialized, h.size(-1))  # (B, L, N_s, d)

@@ -117,7 +117,7 @@ def load(model: nn.Module, path: str | Path, config: HyCAMConfig | None = None) 
         params = hycam_parameters(model)
         full = weights.name == FULL_WEIGHTS  # a whole model's state dict: read HyCAM's tensors only
         tensors = read_tensors(weights, keep=_hycam_names(weights, params) if full else None)
-        copy_verified(params, model_names(tensors, params), weights, allow_extra=full)
+        copy_verified(params, model_names(tensors, params, config), weights, allow_extra=full)
     except BaseException:
         if fresh:
             remove(model)
@@ -130,11 +130,13 @@ def _hycam_names(file: Path, params: dict[str, nn.Parameter]) -> set[str]:
     return set(params) | {name for name in read_tensors(file, keep=set()) if legacy.is_old(name)}
 
 
-def model_names(tensors: dict[str, torch.Tensor], params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+def model_names(tensors: dict[str, torch.Tensor], params: dict[str, nn.Parameter],
+                config: HyCAMConfig) -> dict[str, torch.Tensor]:
     """A file's tensors under the names of `params`: hycam 0.1.0's names upgraded, and the adapter name put
     back into names that hold none (peft's files)."""
     by_checkpoint_name = {checkpoint_name(name): name for name in params}
-    return {by_checkpoint_name.get(name, name): t for name, t in legacy.upgrade(tensors).items()}
+    upgraded = legacy.upgrade(tensors, config.train_router)
+    return {by_checkpoint_name.get(name, name): t for name, t in upgraded.items()}
 
 
 def _read_checkpoint(model: nn.Module, path: Path, config: HyCAMConfig | None) -> tuple[HyCAMConfig, Path]:

@@ -28,13 +28,14 @@ def forward(cam: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     """`cam.reference_forward(h)` of a `hycam.cam.HyCAM` (not imported: it imports this module):
     h_norm (..., d) -> (A_fusion (..., d), logits, probs (..., N_s) or None)."""
     tokens = h.reshape(-1, h.size(-1))  # (T, d)
-    shared = spec_input = None
-    if cam.W_in is not None:  # one matmul for W_shared (or A_shared) and A_1..A_N
-        shared, spec_input = F.linear(tokens, cam.W_in).split([cam.shared_rows, cam.spec_rows], dim=-1)
+    shared = spec_input = logits = None
+    if cam.W_in is not None:  # one matmul for W_shared (or A_shared), A_1..A_N and W_router
+        rows = [cam.shared_rows, cam.spec_rows, cam.router_rows]
+        shared, spec_input, logits = F.linear(tokens, cam.W_in).split(rows, dim=-1)
     shared = _shared_pre_activation(cam, shared)  # (T, d) or None
-    if cam.W_router is None:
+    if not cam.num_specialized:
         return F.silu(shared).view(h.shape), None, None
-    logits = F.linear(h, cam.W_router, cam.b_router)  # (..., N_s)
+    logits = _router_logits(cam, tokens, logits).view(*h.shape[:-1], cam.num_specialized)  # (..., N_s)
     probs = cam.route(logits)  # (..., N_s)
     x = _expert_inputs(cam, tokens, spec_input)  # (T, N_s, r or d)
     spec = weighted_silu_sum(x, cam.B, cam.b_spec, probs.reshape(-1, cam.num_specialized))  # (T, d)
@@ -43,6 +44,13 @@ def forward(cam: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     if torch.is_grad_enabled():
         return (spec + F.silu(shared)).view(h.shape), logits, probs
     return spec.add_(F.silu(shared, inplace=True)).view(h.shape), logits, probs
+
+
+def _router_logits(cam: nn.Module, tokens: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
+    """h W_router^T + b_router (T, N_s), from W_in's product, or from a frozen router's own weight."""
+    if x is None or not cam.router_rows:
+        return F.linear(tokens, cam.W_router, cam.b_router)
+    return x if cam.b_router is None else x + cam.b_router
 
 
 def _shared_pre_activation(cam: nn.Module, x: torch.Tensor | None) -> torch.Tensor | None:

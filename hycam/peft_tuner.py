@@ -107,7 +107,8 @@ class HyCAMModel(BaseTuner):
         """The file's tensors under this model's names (hycam 0.1.0's upgraded), checked first to be exactly
         this model's HyCAM tensors (peft itself would skip missing ones)."""
         by_checkpoint_name = {checkpoint_name(name): name for name in _hycam_names(model)}
-        tensors = legacy.upgrade({key.removeprefix(PEFT_KEY_PREFIX): value for key, value in state_dict.items()})
+        tensors = legacy.upgrade({key.removeprefix(PEFT_KEY_PREFIX): value for key, value in state_dict.items()},
+                                 config.train_router)
         missing = sorted(by_checkpoint_name.keys() - tensors.keys())
         unexpected = sorted(tensors.keys() - by_checkpoint_name.keys())
         if missing or unexpected:

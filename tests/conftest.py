@@ -40,6 +40,11 @@ def padded_batch(seed: int = 1, batch: int = 3, length: int = 12) -> dict[str, t
     return {"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask}
 
 
+def router_grad(cam) -> torch.Tensor:
+    """The gradient of a HyCAM module's W_router: the last rows of W_in's, or a frozen router's own."""
+    return cam.W_in.grad[-cam.num_specialized:] if cam.router_rows else cam.W_router.grad
+
+
 def error_line(capsys) -> str:
     """The one line a command printed to stderr for bad input; no traceback."""
     err = capsys.readouterr().err

@@ -33,7 +33,7 @@ def test_saves_exactly_the_hycam_tensors_and_config(trained):
     model, path = trained
     assert sorted(p.name for p in path.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME])
     names = {f"model.layers.{i}.self_attn.hycam_modules.default.{p}" for i in range(2)
-             for p in ("W_in", "W_router", "N", "B")}
+             for p in ("W_in", "N", "B")}
     assert set(load_file(path / WEIGHTS_NAME)) == set(hycam.trainable_parameters(model)) == names
     meta = json.loads((path / CONFIG_NAME).read_text())
     assert hycam.HyCAMConfig.from_dict(meta["hycam_config"]) == model.hycam_config
@@ -167,7 +167,7 @@ def test_a_checkpoint_with_a_mistyped_field_is_refused_naming_file_and_field(tra
 def test_a_trainer_full_state_dict_turns_back_into_hycam(tmp_path):
     model = hycam.apply(tiny_model(), hycam.HyCAMConfig(rank=8, init_std=0.3))
     model.save_pretrained(tmp_path)  # what Trainer.save_model writes for a model that is not a PeftModel
-    assert "model.layers.0.self_attn.hycam_modules.default.W_router" in load_file(tmp_path / "model.safetensors")
+    assert "model.layers.0.self_attn.hycam_modules.default.W_in" in load_file(tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match="full state dict, which does not record HyCAM's configuration"):
         hycam.load(tiny_model(), tmp_path)
     restored = hycam.load(tiny_model(), tmp_path, config=hycam.HyCAMConfig(rank=8))

@@ -7,7 +7,7 @@ import pickle
 import pytest
 import torch
 import transformers
-from conftest import padded_batch, tiny_model
+from conftest import padded_batch, router_grad, tiny_model
 
 import hycam
 
@@ -26,7 +26,7 @@ def run(model, batch):
     torch.manual_seed(5)
     out = model(**batch, output_hycam_routing=True)
     out.loss.backward()
-    grads = [layer.self_attn.hycam_modules["default"].W_router.grad.clone() for layer in model.model.layers]
+    grads = [router_grad(layer.self_attn.hycam_modules["default"]).clone() for layer in model.model.layers]
     return out.loss.detach(), out.balance_loss.detach(), out.hycam_router_probs.detach(), grads
 
 

@@ -18,9 +18,9 @@ def cam_of(model, layer=0):
 def per_expert_fusion(cam, h, tau):
     """A_fusion written out from the paper, one expert at a time, with deterministic routing."""
     n = cam.B.size(0)
-    w_shared, a = cam.W_in.detach().split([h.size(-1), n * cam.rank])
+    w_shared, a, w_router = cam.W_in.detach().split([h.size(-1), n * cam.rank, n])  # W_in's rows in order
     a_shared = F.silu(h @ w_shared.T)
-    p = torch.softmax(h @ cam.W_router.T / tau, dim=-1)
+    p = torch.softmax(h @ w_router.T / tau, dim=-1)
     a = a.view(n, -1, h.size(-1))
     fusion = a_shared
     for k in range(n):
@@ -47,7 +47,7 @@ def test_fusion_equals_the_paper_formula(path):
     h = torch.randn(2, 5, 64, dtype=torch.float64)
     fusion, logits, probs = cam.reference_forward(h) if path == "reference" else cam(h)
     torch.testing.assert_close(fusion, per_expert_fusion(cam, h, tau=0.7))
-    torch.testing.assert_close(logits, h @ cam.W_router.T)  # Eq. 9's logits, no bias by default
+    torch.testing.assert_close(logits, h @ cam.W_in[-cam.num_specialized:].T)  # Eq. 9: W_router, W_in's last rows
     torch.testing.assert_close(probs, torch.softmax(logits / 0.7, dim=-1))  # eval: no Gumbel noise
 
 

@@ -4,7 +4,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import padded_batch, tiny_model
+from conftest import padded_batch, router_grad, tiny_model
 
 import hycam
 from hycam import cam
@@ -21,12 +21,22 @@ def modulated(coef=0.1, **config):
     return hycam.apply(tiny_model(), hycam.HyCAMConfig(rank=8, init_std=0.3, balance_coef=coef, **config)).train()
 
 
+def cams(model) -> list[cam.HyCAM]:
+    return [layer.self_attn.hycam_modules["default"] for layer in model.model.layers]
+
+
 def router_grads(model) -> torch.Tensor:
-    return torch.cat([router.grad.flatten() for router in routers(model)])
+    return torch.cat([router_grad(c).flatten() for c in cams(model)])
 
 
-def routers(model) -> list[torch.nn.Parameter]:
-    return [layer.self_attn.hycam_modules["default"].W_router for layer in model.model.layers]
+def routers(model) -> list[torch.Tensor]:
+    """Each layer's W_router: the last N_s rows of its W_in."""
+    return [c.input_weights()[2] for c in cams(model)]
+
+
+def router_rows(grads: tuple[torch.Tensor, ...], model) -> torch.Tensor:
+    """The W_router rows of gradients with respect to each layer's W_in."""
+    return torch.cat([g[-c.num_specialized:].flatten() for g, c in zip(grads, cams(model))])
 
 
 def labelled(batch):
@@ -102,12 +112,12 @@ def trainer_update(tmp_path, micro_batch: int, accumulation: int, coef: float = 
             return SequentialSampler(self.train_dataset)
 
     model = modulated(coef=coef, balance_scope=scope)
-    before = torch.cat([p.detach().flatten().clone() for n, p in model.named_parameters() if "router" in n])
+    before = torch.cat([router.detach().flatten() for router in routers(model)])
     settings = dict(output_dir=str(tmp_path), per_device_train_batch_size=micro_batch, max_steps=1,
                     gradient_accumulation_steps=accumulation, learning_rate=1.0, optim="sgd", max_grad_norm=0.0,
                     lr_scheduler_type="constant", report_to=[], use_cpu=True, save_strategy="no", seed=0)
     InOrder(model=model, args=TrainingArguments(**{**settings, **args}), train_dataset=rows()).train()
-    return torch.cat([p.detach().flatten() for n, p in model.named_parameters() if "router" in n]) - before
+    return torch.cat([router.detach().flatten() for router in routers(model)]) - before
 
 
 def test_trainer_accumulating_two_micro_batches_updates_the_routers_as_one_batch(tmp_path, no_noise):
@@ -192,7 +202,8 @@ def test_trl_sft_trainer_trains_the_router_with_the_balance_term(tiny_model_dir,
     assert call.pop("fused_lm_head") is True
     reference = model_with_hycam(0.0)
     out = reference(**call)
-    task_grad = torch.cat([g.flatten() for g in torch.autograd.grad(out.loss, routers(reference), retain_graph=True)])
-    balance_grad = torch.cat([g.flatten() for g in torch.autograd.grad(out.balance_loss, routers(reference))])
+    weights = [c.W_in for c in cams(reference)]
+    task_grad = router_rows(torch.autograd.grad(out.loss, weights, retain_graph=True), reference)
+    balance_grad = router_rows(torch.autograd.grad(out.balance_loss, weights), reference)
     torch.testing.assert_close(before - after, task_grad + 0.1 * balance_grad)
     assert (0.1 * balance_grad).abs().max() > 100 * 1e-5  # the balance term is far above the tolerance

@@ -26,7 +26,7 @@ def test_logits_unchanged_at_init(family):
 def test_trainable_set_is_exactly_the_hycam_parameters(family):
     model = hycam.apply(tiny_model(family), hycam.HyCAMConfig(rank=8))
     expected = {f"model.layers.{i}.self_attn.hycam_modules.default.{p}" for i in range(2)
-                for p in ("W_in", "W_router", "N", "B")}
+                for p in ("W_in", "N", "B")}
     assert set(hycam.trainable_parameters(model)) == set(hycam.hycam_parameters(model)) == expected
     assert {n for n, p in model.named_parameters() if p.requires_grad} == expected
 
@@ -34,24 +34,23 @@ def test_trainable_set_is_exactly_the_hycam_parameters(family):
 def test_parameter_shapes_follow_the_paper():
     model = hycam.apply(tiny_model(), hycam.HyCAMConfig(num_specialized=3, rank=8))
     cam = cam_of(model)
-    assert cam.W_in.shape == (64 + 3 * 8, 64)  # W_shared (d x d), then A_1..A_3 (r x d each)
-    w_shared, a = cam.input_weights()
-    assert w_shared.shape == (64, 64) and a.shape == (3 * 8, 64)
+    assert cam.W_in.shape == (64 + 3 * 8 + 3, 64)  # W_shared (d x d), A_1..A_3 (r x d each), W_router (N_s x d)
+    w_shared, a, w_router = cam.input_weights()
+    assert w_shared.shape == (64, 64) and a.shape == (3 * 8, 64) and w_router.shape == (3, 64)
     assert w_shared.data_ptr() == cam.W_in.data_ptr()  # views of the one parameter, no copy
-    assert cam.W_router.shape == (3, 64)  # W_router: d x N_s
+    assert w_router.data_ptr() == cam.W_in[-3:].data_ptr() and cam.W_router is None
     assert cam.N.shape == (3, 8, 8)  # N_k: r x r
     assert cam.B.shape == (3, 64, 8)  # B_k: d x r
 
 
 # Per variant (d = 64, N_s = 3, r = r_s = 8): every HyCAM parameter of a layer, its shape, and whether it trains.
 VARIANT_PARAMETERS = {
-    "hycam": {"W_in": ((88, 64), True), "W_router": ((3, 64), True), "N": ((3, 8, 8), True), "B": ((3, 64, 8), True)},
+    "hycam": {"W_in": ((91, 64), True), "N": ((3, 8, 8), True), "B": ((3, 64, 8), True)},
     "shared_only": {"W_in": ((64, 64), True)},
-    "full_spec": {"W_in": ((64, 64), True), "W_router": ((3, 64), True), "B": ((3, 64, 64), True)},
-    "spec_only": {"W_in": ((24, 64), True), "W_router": ((3, 64), True), "N": ((3, 8, 8), True),
-                  "B": ((3, 64, 8), True)},
-    "inverse_peft": {"W_in": ((8, 64), True), "N_shared": ((8, 8), True), "B_shared": ((64, 8), True),
-                     "W_router": ((3, 64), True), "B": ((3, 64, 64), True)},
+    "full_spec": {"W_in": ((67, 64), True), "B": ((3, 64, 64), True)},
+    "spec_only": {"W_in": ((27, 64), True), "N": ((3, 8, 8), True), "B": ((3, 64, 8), True)},
+    "inverse_peft": {"W_in": ((11, 64), True), "N_shared": ((8, 8), True), "B_shared": ((64, 8), True),
+                     "B": ((3, 64, 64), True)},
     "authors": {"W_in": ((88, 64), True), "b_shared": ((64,), True), "W_router": ((3, 64), False),
                 "b_router": ((3,), False), "N": ((3, 8, 8), True), "B": ((3, 64, 8), True), "b_spec": ((3, 64), True)},
 }
@@ -110,8 +109,11 @@ def test_one_step_moves_shared_specialized_and_router_weights():
     model(**batch, labels=batch["input_ids"]).loss.backward()
     optimizer.step()
     moved = {n for n, p in hycam.trainable_parameters(model).items() if not torch.equal(p, before[n])}
-    for part in ("W_in", "B", "W_router"):
+    for part in ("W_in", "B"):
         assert {f"model.layers.{i}.self_attn.hycam_modules.default.{part}" for i in range(2)} <= moved
+    for i in range(2):  # W_router: W_in's last rows
+        name = f"model.layers.{i}.self_attn.hycam_modules.default.W_in"
+        assert not torch.equal(hycam.trainable_parameters(model)[name][-3:], before[name][-3:])
 
 
 def test_a_few_steps_lower_the_loss():

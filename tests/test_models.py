@@ -3,10 +3,11 @@ models beside their own router outputs; and the layouts it refuses before changi
 
 import pytest
 import torch
-from conftest import FAMILIES, padded_batch
+from conftest import FAMILIES, padded_batch, router_grad
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 import hycam
+from hycam.cam import HyCAM
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=128, max_position_embeddings=256, attn_implementation="eager", pad_token_id=0)
@@ -23,7 +24,7 @@ def with_hycam(model_class, config_class, coef, **overrides):
 
 
 def router_grads(model) -> torch.Tensor:
-    return torch.cat([p.grad.flatten() for n, p in model.named_parameters() if n.endswith(".W_router")])
+    return torch.cat([router_grad(cam).flatten() for cam in model.modules() if isinstance(cam, HyCAM)])
 
 
 def assert_balance_reaches_the_router(model_class, config_class, loss_of, **overrides):

@@ -35,7 +35,7 @@ def test_get_peft_model_trains_exactly_the_hycam_parameters(family):
     model = get_peft_model(tiny_model(family), hycam.HyCAMConfig(rank=8))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     expected = {f"base_model.model.{n}" for n in hycam.trainable_parameters(model.get_base_model())}
-    assert trainable == expected and len(expected) == 2 * 4  # W_in, W_router, N, B in each of 2 layers
+    assert trainable == expected and len(expected) == 2 * 3  # W_in (W_shared, A, W_router), N, B in each of 2 layers
 
 
 def test_the_peft_model_output_carries_the_balance_loss_and_router_outputs():
@@ -53,7 +53,7 @@ def test_save_pretrained_writes_the_hycam_tensors_only(tmp_path):
     saved = load_file(tmp_path / "adapter_model.safetensors")
     # peft's rule: the model's names, the adapter name taken out (as LoRA's `lora_A.weight`)
     assert set(saved) == {f"base_model.model.model.layers.{i}.self_attn.hycam_modules.{p}" for i in range(2)
-                          for p in ("W_in", "W_router", "N", "B")}
+                          for p in ("W_in", "N", "B")}
     assert {n.replace(".hycam_modules.", ".hycam_modules.default.") for n in saved} == {
         f"base_model.model.{n}" for n in hycam.hycam_parameters(model.get_base_model())}
     config = json.loads((tmp_path / "adapter_config.json").read_text())
