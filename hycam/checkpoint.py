@@ -92,9 +92,14 @@ def write_checkpoint(path: str | Path, tensors: dict, weights_name: str, json_fi
     if not _is_writer():
         return
     with staged_files(path) as tmp:
-        save_file(tensors, tmp / weights_name, metadata={"format": "pt"})
-        for name, content in json_files.items():
-            (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
+        write_files(tmp, tensors, weights_name, json_files)
+
+
+def write_files(directory: Path, tensors: dict, weights_name: str, json_files: dict[str, dict]) -> None:
+    """The tensors as one safetensors file and each JSON file, written plainly into `directory`."""
+    save_file(tensors, directory / weights_name, metadata={"format": "pt"})
+    for name, content in json_files.items():
+        (directory / name).write_text(json.dumps(content, indent=2) + "\n")
 
 
 def load(model: nn.Module, path: str | Path, config: HyCAMConfig | None = None) -> nn.Module:
@@ -106,7 +111,7 @@ def load(model: nn.Module, path: str | Path, config: HyCAMConfig | None = None) 
     """
     path = Path(path).expanduser()
     config, weights = _read_checkpoint(model, path, config)
-    read_tensors(weights, keep=set())  # the header only: a corrupt file stops here, before the model changes
+    names = set(read_tensors(weights, keep=set()))  # the header only: a corrupt file stops here, before any change
     fresh = not is_applied(model)
     if fresh:
         apply(model, config)
@@ -116,7 +121,7 @@ def load(model: nn.Module, path: str | Path, config: HyCAMConfig | None = None) 
     try:
         params = hycam_parameters(model)
         full = weights.name == FULL_WEIGHTS  # a whole model's state dict: read HyCAM's tensors only
-        tensors = read_tensors(weights, keep=_hycam_names(weights, params) if full else None)
+        tensors = read_tensors(weights, keep=_hycam_names(names, params) if full else None)
         copy_verified(params, model_names(tensors, params, config), weights, allow_extra=full)
     except BaseException:
         if fresh:
@@ -125,9 +130,9 @@ def load(model: nn.Module, path: str | Path, config: HyCAMConfig | None = None) 
     return model
 
 
-def _hycam_names(file: Path, params: dict[str, nn.Parameter]) -> set[str]:
-    """The names in a full state dict that may be HyCAM's: this model's, or those of hycam 0.1.0."""
-    return set(params) | {name for name in read_tensors(file, keep=set()) if legacy.is_old(name)}
+def _hycam_names(names: set[str], params: dict[str, nn.Parameter]) -> set[str]:
+    """The names of a full state dict that may be HyCAM's: this model's, or those of hycam 0.1.0."""
+    return set(params) | {name for name in names if legacy.is_old(name)}
 
 
 def model_names(tensors: dict[str, torch.Tensor], params: dict[str, nn.Parameter],

@@ -68,7 +68,7 @@ def load_model_for(checkpoint: Checkpoint | None, base_model: str | None = None,
 
 def _trained(checkpoint: Checkpoint, base_model: str | None, dtype: torch.dtype) -> tuple[nn.Module, object]:
     """The base model is loaded in `dtype` before the method is added, so that the method's modules are
-    built in it too (HyCAM's one-matmul inference needs its weights made in place, not cast later)."""
+    built in that dtype too (they take the dtype of the layer they join)."""
     model_name = base_model or checkpoint.method.get("model")
     if model_name is None:
         raise ValueError(f"{checkpoint.path}: the base model is not recorded; pass it explicitly")

@@ -7,12 +7,10 @@ plainly.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from safetensors.torch import save_file
-
 from hycam.baselines import methods
+from hycam.checkpoint import write_files
 from hycam.files import BEST, METRICS, RESUME
 from hycam.train import resume, rundir
 from hycam.train.metrics import truncate_metrics
@@ -25,9 +23,7 @@ def save_trained(run: Run, name: str, info: dict) -> None:
     tensors, weights_name, json_files = methods.trained_files(run.engine.module, run.cfg.method, run.options,
                                                               {**run.meta, **info})  # a collective under ZeRO-3
     if run.rank == 0:
-        save_file(tensors, tmp / weights_name, metadata={"format": "pt"})
-        for file, content in json_files.items():
-            (tmp / file).write_text(json.dumps(content, indent=2) + "\n")
+        write_files(tmp, tensors, weights_name, json_files)
     rundir.swap_in(run.out, name, run.rank)
 
 
