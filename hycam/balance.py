@@ -11,7 +11,8 @@ deep-copies and compiles like any model; no `forward` is replaced):
    optimiser step, is attached to the norm's input (`attach_gradient`), so that whoever backpropagates a
    loss computed from the model's outputs also backpropagates `balance_coef * balance_loss`. The list closes
    here: a forward recomputed during backward (activation checkpointing) is never counted twice.
-4. `after_model`: `balance_loss` (training) and the router outputs (when asked) join the model's output.
+4. `after_model`: `balance_loss` (training, but for a bare backbone) and the router outputs (when asked) join the
+   model's output.
 
 `output.loss` stays the model's own task loss: adding the balance loss to it would count it twice.
 """
@@ -52,6 +53,10 @@ class ForwardRecord:
     """Whether this forward's balance gradient was weighted without knowing the forwards of its optimiser step."""
     warned: bool = False
     """Whether the warning that a loop accumulates gradients without saying how many forwards a step has was given."""
+    bare_backbone: bool = False
+    """Whether HyCAM was applied to a bare backbone (`LlamaModel`): multimodal models rebuild their text model's output
+    into a class of their own from its fields (`LlavaModelOutputWithPast(**outputs, ...)`), so it gets HyCAM's
+    fields only when asked."""
     want_routing: bool = False
     """Whether the caller passed `output_hycam_routing=True`."""
     loss_kwargs: dict = field(default_factory=dict)
@@ -118,7 +123,8 @@ def after_model(model: nn.Module, args: tuple, output):
         raise TypeError(f"HyCAM needs {type(model).__name__} to return a ModelOutput: do not pass return_dict=False")
     if record.undeclared and not record.warned and not torch.compiler.is_compiling():
         _warn_if_accumulating(model, record)
-    extra = {k: v for k, v in result.items() if record.want_routing or (model.training and k == "balance_loss")}
+    unasked = model.training and not record.bare_backbone  # the balance loss, in training
+    extra = {k: v for k, v in result.items() if record.want_routing or (unasked and k == "balance_loss")}
     return hycam_output_class(type(output))(**output, **extra) if extra else output
 
 
@@ -130,6 +136,7 @@ def hook_sites(model: nn.Module, backbone: nn.Module, norm: nn.Module) -> list[t
 
 def install(model: nn.Module, backbone: nn.Module, norm: nn.Module, record: ForwardRecord) -> None:
     trainer_accumulation.register()
+    record.bare_backbone = model is backbone
     for module, hook, before in hook_sites(model, backbone, norm):
         module.hycam_record = record
         if before:
