@@ -10,8 +10,13 @@ for the length of `train()`, as `hycam.set_gradient_accumulation` would.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import nn
 from transformers.trainer_callback import TrainerCallback
+
+if TYPE_CHECKING:
+    from hycam.balance import ForwardRecord
 
 
 class GradientAccumulationCallback(TrainerCallback):
@@ -32,7 +37,7 @@ class GradientAccumulationCallback(TrainerCallback):
             record.accumulation_steps, self.declared = before, None
 
 
-def forward_record(model: nn.Module):
+def forward_record(model: nn.Module) -> ForwardRecord | None:
     """The HyCAM forward record of `model` or of the model it wraps (a PeftModel's), or None."""
     return next((vars(m)["hycam_record"] for m in model.modules() if "hycam_record" in vars(m)), None)
 
@@ -42,7 +47,7 @@ def register() -> None:
     that, whenever its module was imported, has it."""
     try:
         from transformers import trainer
-    except ImportError:  # Trainer needs accelerate: without it no Trainer runs
+    except (ImportError, RuntimeError):  # transformers' lazy import wraps a missing dependency in RuntimeError
         return
     if GradientAccumulationCallback not in trainer.DEFAULT_CALLBACKS:
         trainer.DEFAULT_CALLBACKS.append(GradientAccumulationCallback)
