@@ -11,13 +11,16 @@ deep-copies and compiles like any model; no `forward` is replaced):
    optimiser step, is attached to the norm's input (`attach_gradient`), so that whoever backpropagates a
    loss computed from the model's outputs also backpropagates `balance_coef * balance_loss`. The list closes
    here: a forward recomputed during backward (activation checkpointing) is never counted twice.
-4. `after_model`: `balance_loss` (training) and the router outputs (when asked) join the model's output.
+4. `after_model`: `balance_loss` (training, but for a bare backbone) and the router outputs (when asked) join the
+   model's output.
 
 `output.loss` stays the model's own task loss: adding the balance loss to it would count it twice.
 """
 
 from __future__ import annotations
 
+import sys
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +28,8 @@ import torch.distributed as dist
 from torch import nn
 from transformers.utils import ModelOutput
 
+from hycam import trainer_accumulation
+from hycam.cam import HyCAM
 from hycam.config import HyCAMConfig
 from hycam.outputs import hycam_output_class
 from hycam.routing import load_balancing_loss
@@ -41,8 +46,17 @@ class ForwardRecord:
 
     config: HyCAMConfig
     """The model's HyCAM configuration (balance_coef, balance_scope, train_router)."""
-    accumulation_steps: int = 1
-    """Forwards per optimiser step when the caller passes no `num_items_in_batch`; kept across forwards."""
+    accumulation_steps: int | None = None
+    """Forwards per optimiser step as the training loop declared it (`set_gradient_accumulation`, or Trainer's
+    `gradient_accumulation_steps` through `hycam.trainer_accumulation`); None: not declared. Kept across forwards."""
+    undeclared: bool = False
+    """Whether this forward's balance gradient was weighted without knowing the forwards of its optimiser step."""
+    warned: bool = False
+    """Whether the warning that a loop accumulates gradients without saying how many forwards a step has was given."""
+    bare_backbone: bool = False
+    """Whether HyCAM was applied to a bare backbone (`LlamaModel`): multimodal models rebuild their text model's output
+    into a class of their own from its fields (`LlavaModelOutputWithPast(**outputs, ...)`), so it gets HyCAM's
+    fields only when asked."""
     want_routing: bool = False
     """Whether the caller passed `output_hycam_routing=True`."""
     loss_kwargs: dict = field(default_factory=dict)
@@ -75,7 +89,7 @@ def before_backbone(backbone: nn.Module, args: tuple, kwargs: dict) -> None:
     # Generation and evaluation read neither the balance loss nor the router outputs: record nothing then
     # (holding every layer's outputs until the final norm costs ~3 % of a decoding step).
     wanted = backbone.training or record.want_routing or torch.is_grad_enabled()
-    record.routed, record.result = [] if wanted else None, None
+    record.routed, record.result, record.undeclared = [] if wanted else None, None, False
     record.mask = kwargs["attention_mask"] if "attention_mask" in kwargs else (args[1] if len(args) > 1 else None)
 
 
@@ -107,7 +121,10 @@ def after_model(model: nn.Module, args: tuple, output):
         return output
     if not isinstance(output, ModelOutput):
         raise TypeError(f"HyCAM needs {type(model).__name__} to return a ModelOutput: do not pass return_dict=False")
-    extra = {k: v for k, v in result.items() if record.want_routing or (model.training and k == "balance_loss")}
+    if record.undeclared and not record.warned and not torch.compiler.is_compiling():
+        _warn_if_accumulating(model, record)
+    unasked = model.training and not record.bare_backbone  # the balance loss, in training
+    extra = {k: v for k, v in result.items() if record.want_routing or (unasked and k == "balance_loss")}
     return hycam_output_class(type(output))(**output, **extra) if extra else output
 
 
@@ -118,6 +135,8 @@ def hook_sites(model: nn.Module, backbone: nn.Module, norm: nn.Module) -> list[t
 
 
 def install(model: nn.Module, backbone: nn.Module, norm: nn.Module, record: ForwardRecord) -> None:
+    trainer_accumulation.register()
+    record.bare_backbone = model is backbone
     for module, hook, before in hook_sites(model, backbone, norm):
         module.hycam_record = record
         if before:
@@ -127,9 +146,10 @@ def install(model: nn.Module, backbone: nn.Module, norm: nn.Module, record: Forw
 
 
 def set_gradient_accumulation(model: nn.Module, steps: int) -> None:
-    """Tells HyCAM how many forwards make one optimiser step, for loops that pass no `num_items_in_batch`
-    (a plain loop, DeepSpeed's engine): each forward's balance loss then weighs balance_coef / steps."""
-    if not isinstance(steps, int) or steps < 1:
+    """Tells HyCAM how many forwards make one optimiser step, for loops that neither pass `num_items_in_batch`
+    with the labels nor keep the count where HyCAM finds it (a plain loop, DeepSpeed's engine): each forward's
+    balance loss then weighs balance_coef / steps. It overrides what an accelerate loop keeps."""
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"set_gradient_accumulation: steps must be a positive int, got {steps!r}")
     record = getattr(model, "hycam_record", None)
     if record is None:
@@ -141,8 +161,37 @@ def step_weight(record: ForwardRecord, global_batch: bool, balance: torch.Tensor
     """balance_coef times this forward's share of the optimiser step (Eq. 13 holds per step), as a tensor (a
     Python float that changes from step to step would make a compiler recompile)."""
     share = _share_of_step(record.loss_kwargs, global_batch)
-    share = 1.0 / record.accumulation_steps if share is None else share
+    if share is None:
+        steps = record.accumulation_steps or _accelerate_steps()
+        record.undeclared = steps is None
+        share = 1.0 / (steps or 1)
     return torch.as_tensor(share, dtype=balance.dtype, device=balance.device) * record.config.balance_coef
+
+
+def _accelerate_steps() -> int | None:
+    """An accelerate loop's `gradient_accumulation_steps`: accelerate keeps it in its process-wide gradient state,
+    which `Accelerator.accumulate` reads. None when no Accelerator counts more than one forward a step (Trainer
+    and TRL set it to 1 and count themselves: they tell HyCAM through `hycam.trainer_accumulation`)."""
+    state = sys.modules.get("accelerate.state")  # no Accelerator exists unless accelerate was imported
+    if state is None:
+        return None
+    # read, not `GradientState()`: constructing it would initialise the state where no Accelerator did
+    steps = state.GradientState._shared_state.get("plugin_kwargs", {}).get("num_steps", 1)
+    return steps if steps > 1 else None
+
+
+def _warn_if_accumulating(model: nn.Module, record: ForwardRecord) -> None:
+    """Gradients still held at a training forward mean the loop accumulates them over forwards: say so once,
+    since each forward's balance loss then weighs the whole balance_coef."""
+    probe = next((p for m in model.modules() if isinstance(m, HyCAM) for p in m.parameters() if p.requires_grad),
+                 None)
+    if probe is None or probe.grad is None:
+        return
+    record.warned = True
+    warnings.warn("HyCAM: gradients accumulate over several forwards, but this loop does not tell HyCAM how many "
+                  "make one optimiser step, so each forward's balance loss weighs the whole balance_coef. Call "
+                  "hycam.set_gradient_accumulation(model, steps) once before training (steps=1 if the gradients are "
+                  "kept on purpose, e.g. zero_grad(set_to_none=False)).", stacklevel=2)
 
 
 def _share_of_step(kwargs: dict, global_batch: bool) -> torch.Tensor | None:

@@ -2,7 +2,8 @@
 
 It is a `peft.PeftConfig` too, so that `peft.get_peft_model(model, HyCAMConfig(...))`, TRL's
 `peft_config=` and peft's `adapter_config.json` take it as they take a `LoraConfig`. Its own fields
-(the HyCAM ones) are what `hycam.save` writes and what two configs are compared on.
+(the HyCAM ones) are what `hycam.save` writes and, but for the initialisation-only `init_std`, what two
+configs are compared on.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ class HyCAMConfig(PeftConfig):
     applies in train mode only: an eval-mode forward (validation, generation) may run on one rank alone."""
     init_std: float = field(default=0.0, repr=False)
     """Std of a normal init for the zero-initialised weights (B_k, W_shared); tests use it to start
-    from a non-trivial modulation. 0.0 is the paper's zero init."""
+    from a non-trivial modulation. 0.0 is the paper's zero init. Initialisation only: configs that differ in it
+    alone are equal, and a checkpoint loads into a model applied with another init_std."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -110,12 +112,13 @@ class HyCAMConfig(PeftConfig):
         return {name: getattr(self, name) for name in HYCAM_FIELDS}
 
     def differences(self, other: HyCAMConfig) -> list[str]:
-        """'field: mine vs other' for every HyCAM field in which the two configs differ."""
+        """'field: mine vs other' for every HyCAM field in which the two configs differ, but `init_std`: how
+        weights were first drawn does not change what trained (or loaded) weights compute."""
         return [f"{name}: {getattr(self, name)!r} vs {getattr(other, name)!r}"
-                for name in HYCAM_FIELDS if getattr(self, name) != getattr(other, name)]
+                for name in HYCAM_FIELDS if name not in INIT_ONLY and getattr(self, name) != getattr(other, name)]
 
     def __eq__(self, other: object) -> bool:
-        # peft's bookkeeping (its version, the base model's name) does not change what HyCAM computes
+        # peft's bookkeeping (its version, the base model's name) and init_std do not change what HyCAM computes
         return isinstance(other, HyCAMConfig) and not self.differences(other)
 
     @classmethod
@@ -129,6 +132,8 @@ class HyCAMConfig(PeftConfig):
 
 HYCAM_FIELDS = tuple(f.name for f in dataclasses.fields(HyCAMConfig) if f.name not in
                      {f.name for f in dataclasses.fields(PeftConfig)})
+INIT_ONLY = ("init_std",)
+"""HyCAM fields that only say how weights are first drawn: saved, but not compared."""
 _FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(HyCAMConfig)}
 _KINDS = {"int": int, "float": (int, float), "bool": bool, "None": type(None), "list[int]": (list, tuple)}
 

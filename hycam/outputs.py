@@ -14,9 +14,10 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 HYCAM_FIELDS = ("balance_loss", "hycam_router_logits", "hycam_router_probs")
-"""balance_loss: Eq. 10 over the non-padding tokens of all layers stacked, unweighted (in training mode, or when
-asked). hycam_router_logits, hycam_router_probs: `[num_layers, batch, seq_len, num_specialized]`, the router
-logits and the Gumbel-softmax probabilities the fusion used (when asked with `output_hycam_routing=True`)."""
+"""balance_loss: Eq. 10 over the non-padding tokens of all layers stacked, unweighted (in training mode, but from a
+bare backbone, or when asked). hycam_router_logits, hycam_router_probs: `[num_layers, batch, seq_len,
+num_specialized]`, the router logits and the Gumbel-softmax probabilities the fusion used (when asked with
+`output_hycam_routing=True`)."""
 
 
 def _with_hycam_fields(base: type, name: str) -> type:

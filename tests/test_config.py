@@ -3,7 +3,8 @@
 import json
 
 import pytest
-from conftest import tiny_model
+import torch
+from conftest import padded_batch, tiny_model
 
 import hycam
 
@@ -51,3 +52,12 @@ def test_apply_refuses_a_config_of_another_kind():
 
     with pytest.raises(TypeError, match="hycam.apply needs a hycam.HyCAMConfig, got LoraConfig"):
         hycam.apply(tiny_model(), LoraConfig())
+
+
+def test_init_std_draws_weights_only_and_does_not_stop_a_checkpoint_loading(tmp_path):
+    assert hycam.HyCAMConfig(rank=8, init_std=0.3) == hycam.HyCAMConfig(rank=8)
+    assert hycam.HyCAMConfig(rank=8, init_std=0.3).differences(hycam.HyCAMConfig(rank=4)) == ["rank: 8 vs 4"]
+    saved = hycam.apply(tiny_model(), hycam.HyCAMConfig(rank=8, init_std=0.3))
+    hycam.save(saved, tmp_path)
+    loaded = hycam.load(hycam.apply(tiny_model(), hycam.HyCAMConfig(rank=8)), tmp_path)
+    assert torch.equal(loaded(**padded_batch()).logits, saved(**padded_batch()).logits)
