@@ -8,13 +8,15 @@ It is a `peft.PeftConfig` too, so that `peft.get_peft_model(model, HyCAMConfig(.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Literal
 
 from peft import PeftConfig
 
 from hycam.peft_type import HYCAM
 
+NON_IDENTITY_STD = 0.02
+"""`init_std` under peft's `init_weights=False`: a modulation of a few percent at the start, as peft's tests want."""
 VARIANTS = ("hycam", "shared_only", "full_spec", "spec_only", "inverse_peft", "authors")
 
 
@@ -63,9 +65,14 @@ class HyCAMConfig(PeftConfig):
     init_std: float = field(default=0.0, repr=False)
     """Std of a normal init for the zero-initialised weights (B_k, W_shared); tests use it to start
     from a non-trivial modulation. 0.0 is the paper's zero init."""
+    init_weights: InitVar[bool] = True
+    """peft's switch of every method's identity init: False means `init_std=NON_IDENTITY_STD` unless set.
+    Not kept (not a field): what it sets is `init_std`."""
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, init_weights: bool = True) -> None:
         super().__post_init__()
+        if not init_weights and not self.init_std:
+            self.init_std = NON_IDENTITY_STD
         self.peft_type = HYCAM
         for name in HYCAM_FIELDS:
             _check_type(name, getattr(self, name), _FIELD_TYPES[name])
