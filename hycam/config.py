@@ -68,11 +68,17 @@ class HyCAMConfig(PeftConfig):
     init_weights: InitVar[bool] = True
     """peft's switch of every method's identity init: False means `init_std=NON_IDENTITY_STD` unless set.
     Not kept (not a field): what it sets is `init_std`."""
+    layers_to_transform: InitVar[list[int] | int | None] = None
+    """peft's name of `layers` (an int is one layer). Not kept: what it sets is `layers`."""
 
-    def __post_init__(self, init_weights: bool = True) -> None:
+    def __post_init__(self, init_weights: bool = True, layers_to_transform: list[int] | int | None = None) -> None:
         super().__post_init__()
         if not init_weights and not self.init_std:
             self.init_std = NON_IDENTITY_STD
+        if layers_to_transform is not None:
+            if self.layers is not None:
+                raise ValueError("HyCAMConfig: give layers or peft's layers_to_transform, not both")
+            self.layers = [layers_to_transform] if isinstance(layers_to_transform, int) else layers_to_transform
         self.peft_type = HYCAM
         for name in HYCAM_FIELDS:
             _check_type(name, getattr(self, name), _FIELD_TYPES[name])
