@@ -13,6 +13,7 @@ This module stays outside the `hycam` package: importing anything inside it woul
 
 from __future__ import annotations
 
+import importlib
 import importlib.abc
 import sys
 import warnings
@@ -53,7 +54,7 @@ def _register() -> None:
     if "hycam" in sys.modules:  # hycam is being imported (perhaps what imported peft): it registers itself
         return
     try:
-        import hycam  # noqa: F401  (its import registers HyCAM as a peft method)
+        importlib.import_module("hycam")  # its import registers HyCAM as a peft method
     except Exception as err:  # a broken hycam must not break peft for everything else
         warnings.warn(f"hycam is installed but could not be imported, so peft will not know HyCAM adapters: {err}",
                       stacklevel=2)
