@@ -6,6 +6,8 @@ backbone's parameter names do not change. HyCAM's modules hang on each `self_att
 `hycam_modules[adapter_name]` (peft's convention: the tuner's prefix `hycam_` and the adapter name in
 every parameter name, e.g. `model.layers.0.self_attn.hycam_modules.default.W_in`). Hooks on the backbone,
 its final norm and the model (`hycam.balance`) gather what every router produced and attach the balance loss.
+`apply` puts in one adapter, peft's tuner more (`add_adapter`); the active one (`activate`) is what the hook
+applies, `model.hycam_config` and the balance loss are its own; `set_enabled(model, False)`: none applies.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from hycam.cam import HyCAM
 from hycam.config import HyCAMConfig
 from hycam.fast import release_workspace
 from hycam.layout import SUPPORTED_MODEL_TYPES, decoder_layers, find_layout
-from hycam.tuner_layer import HyCAMLayer, mark
+from hycam.tuner_layer import HyCAMLayer, hycam_layers, mark
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "apply", "decoder_layers", "hycam_parameters", "is_applied", "remove",
            "trainable_parameters"]
@@ -122,10 +124,6 @@ def set_enabled(model: nn.Module, enabled: bool) -> None:
     """Switches HyCAM off (the backbone's outputs exactly) or back on, keeping every weight."""
     for cams in hycam_layers(model):
         cams.enable_adapters(enabled)
-
-
-def hycam_layers(model: nn.Module) -> list[HyCAMLayer]:
-    return [module for module in model.modules() if isinstance(module, HyCAMLayer)]
 
 
 def remove(model: nn.Module) -> nn.Module:

@@ -28,10 +28,10 @@ from torch import nn
 from hycam import legacy
 from hycam.config import HyCAMConfig
 from hycam.files import PEFT_KEY_PREFIX
-from hycam.inject import (activate, add_adapter, apply, checkpoint_name, delete_adapter, hycam_layers,
-                          hycam_parameters, is_applied, mark_trainable, remove, set_enabled)
+from hycam.inject import (activate, add_adapter, apply, checkpoint_name, delete_adapter, hycam_parameters, is_applied,
+                          mark_trainable, remove, set_enabled)
 from hycam.peft_type import HYCAM
-from hycam.tuner_layer import HyCAMLayer
+from hycam.tuner_layer import HyCAMLayer, hycam_layers
 
 PREFIX = "hycam_"  # peft's rule is name + "_": HyCAM's modules hang on `self_attn` as `hycam_modules`
 NOT_MERGEABLE = "HyCAM cannot be merged into the weights: h_att * SiLU(h_norm W) is not linear in h_norm"

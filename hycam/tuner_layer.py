@@ -64,6 +64,10 @@ class HyCAMLayer(nn.ModuleDict, BaseTunerLayer):
                 mark(cam, requires_grad)
 
 
+def hycam_layers(model: nn.Module) -> list[HyCAMLayer]:
+    return [module for module in model.modules() if isinstance(module, HyCAMLayer)]
+
+
 def mark(cam: nn.Module, requires_grad: bool) -> None:
     """Sets `requires_grad` of one adapter's module: all its parameters but a router that does not train (one
     that has its own `W_router`, `train_router=False`), which stays frozen."""
