@@ -105,7 +105,8 @@ def _import_tester(cache: Path):
 
 @pytest.fixture(scope="session")
 def tester(request):
-    cache = Path(request.config.cache.mkdir("peft-sdist"))
+    cache_provider = getattr(request.config, "cache", None)  # absent under `-p no:cacheprovider`
+    cache = Path(cache_provider.mkdir("peft-sdist") if cache_provider else Path(tempfile.gettempdir()) / "peft-sdist")
     try:
         common = _import_tester(cache)
     except (subprocess.SubprocessError, OSError, KeyError, ValueError, ImportError) as err:
