@@ -71,8 +71,10 @@ CASES = [(check, family) for check in CHECKS for family in sorted(FAMILIES)]
 def _download(version: str, folder: Path) -> None:
     """tests/testing_common.py and testing_utils.py of the peft `version` sdist, as a package in `folder`."""
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-                        f"peft=={version}", "-d", tmp], check=True, capture_output=True, timeout=300)
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                               f"peft=={version}", "-d", tmp], capture_output=True, text=True, timeout=300)
+        if done.returncode:
+            raise OSError(f"pip download failed: {done.stderr.strip()[-300:]}")
         (sdist,) = Path(tmp).glob("peft-*.tar.gz")
         staged = Path(tmp) / folder.name
         staged.mkdir()
@@ -111,7 +113,7 @@ def tester(request):
         common = _import_tester(cache)
     except (subprocess.SubprocessError, OSError, KeyError, ValueError, ImportError) as err:
         pytest.skip(f"peft's generic tester (tests/testing_common.py of the peft {peft.__version__} sdist) could "
-                    f"not be had: {type(err).__name__}: {str(err)[-300:]}")
+                    f"not be had: {type(err).__name__}: {err}")
 
     class HyCAMTester(common):
         transformers_class = AutoModelForCausalLM
