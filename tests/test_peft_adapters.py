@@ -3,7 +3,7 @@
 import pytest
 import torch
 from conftest import REPO, padded_batch, tiny_model
-from peft import PeftModel, get_base_model_state_dict, get_peft_model
+from peft import PeftModel, convert_to_lora, get_base_model_state_dict, get_peft_model
 from safetensors.torch import load_file
 
 import hycam
@@ -122,6 +122,8 @@ def test_peft_sees_hycam_layers_and_a_base_state_dict_without_them():
     assert status[1].available_adapters == ["b", "default"] and status[1].active_adapters == ["default"]
     assert get_base_model_state_dict(model).keys() == tiny_model().state_dict().keys()
     assert model.supports_lora_conversion() is False
+    with pytest.raises(TypeError, match="do not support LoRA conversion: .*HyCAMLayer"):
+        convert_to_lora(model, rank=4)
 
 
 def test_init_weights_false_is_hycams_non_identity_init():
