@@ -1,6 +1,27 @@
 from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+PTH = "hycam-peft.pth"
+"""Run by Python at start-up from site-packages: makes peft know HyCAM in processes that never import hycam
+(`hycam_peft_hook`), without importing torch."""
+
+
+class BuildPy(build_py):
+    """build_py that also puts `hycam-peft.pth` at the top of site-packages: through build_lib for a normal
+    install, through the editable wheel's own folder (the `install` command's install_lib) for `pip install -e`."""
+
+    def run(self) -> None:
+        super().run()
+        editable = getattr(self, "editable_mode", False)
+        target = Path(self.distribution.get_command_obj("install").install_lib if editable else self.build_lib)
+        target.mkdir(parents=True, exist_ok=True)
+        self.copy_file(PTH, str(target / PTH))
+
+    def get_outputs(self, include_bytecode: bool = True) -> list[str]:
+        return [*super().get_outputs(include_bytecode), str(Path(self.build_lib) / PTH)]
+
 
 setup(
     name="hycam",
@@ -11,6 +32,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["hycam", "hycam.*"]),
+    py_modules=["hycam_peft_hook"],
+    cmdclass={"build_py": BuildPy},
     install_requires=[
         "torch>=2.3",  # torch.compiler.is_compiling
         "transformers>=4.45,<6",

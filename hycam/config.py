@@ -9,13 +9,15 @@ configs are compared on.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Literal
 
 from peft import PeftConfig
 
 from hycam.peft_type import HYCAM
 
+NON_IDENTITY_STD = 0.02
+"""`init_std` under peft's `init_weights=False`: a modulation of a few percent at the start, as peft's tests want."""
 VARIANTS = ("hycam", "shared_only", "full_spec", "spec_only", "inverse_peft", "authors")
 
 
@@ -65,9 +67,20 @@ class HyCAMConfig(PeftConfig):
     """Std of a normal init for the zero-initialised weights (B_k, W_shared); tests use it to start
     from a non-trivial modulation. 0.0 is the paper's zero init. Initialisation only: configs that differ in it
     alone are equal, and a checkpoint loads into a model applied with another init_std."""
+    init_weights: InitVar[bool] = True
+    """peft's switch of every method's identity init: False means `init_std=NON_IDENTITY_STD` unless set.
+    Not kept (not a field): what it sets is `init_std`."""
+    layers_to_transform: InitVar[list[int] | int | None] = None
+    """peft's name of `layers` (an int is one layer). Not kept: what it sets is `layers`."""
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, init_weights: bool = True, layers_to_transform: list[int] | int | None = None) -> None:
         super().__post_init__()
+        if not init_weights and not self.init_std:
+            self.init_std = NON_IDENTITY_STD
+        if layers_to_transform is not None:
+            if self.layers is not None:
+                raise ValueError("HyCAMConfig: give layers or peft's layers_to_transform, not both")
+            self.layers = [layers_to_transform] if isinstance(layers_to_transform, int) else layers_to_transform
         self.peft_type = HYCAM
         for name in HYCAM_FIELDS:
             _check_type(name, getattr(self, name), _FIELD_TYPES[name])

@@ -6,6 +6,8 @@ backbone's parameter names do not change. HyCAM's modules hang on each `self_att
 `hycam_modules[adapter_name]` (peft's convention: the tuner's prefix `hycam_` and the adapter name in
 every parameter name, e.g. `model.layers.0.self_attn.hycam_modules.default.W_in`). Hooks on the backbone,
 its final norm and the model (`hycam.balance`) gather what every router produced and attach the balance loss.
+`apply` puts in one adapter, peft's tuner more (`add_adapter`); the active one (`activate`) is what the hook
+applies, `model.hycam_config` and the balance loss are its own; `set_enabled(model, False)`: none applies.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from hycam.cam import HyCAM
 from hycam.config import HyCAMConfig
 from hycam.fast import release_workspace
 from hycam.layout import SUPPORTED_MODEL_TYPES, decoder_layers, find_layout
+from hycam.tuner_layer import HyCAMLayer, hycam_layers, mark
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "apply", "decoder_layers", "hycam_parameters", "is_applied", "remove",
            "trainable_parameters"]
@@ -35,9 +38,7 @@ def apply(model: nn.Module, config: HyCAMConfig | None = None, *, adapter_name: 
     peft adapters already in the model (e.g. LoRA) stay trainable. On failure the model is left
     exactly as it was. `adapter_name` names HyCAM's modules (peft's tuner passes its own).
     """
-    config = config or HyCAMConfig()
-    if not isinstance(config, HyCAMConfig):
-        raise TypeError(f"hycam.apply needs a hycam.HyCAMConfig, got {type(config).__name__}")
+    config = _checked(config or HyCAMConfig())
     if is_applied(model):
         raise ValueError("this model already has HyCAM; call hycam.remove(model) first")
     layout = find_layout(model)
@@ -53,18 +54,76 @@ def apply(model: nn.Module, config: HyCAMConfig | None = None, *, adapter_name: 
     return model
 
 
+def _checked(config) -> HyCAMConfig:
+    if not isinstance(config, HyCAMConfig):
+        raise TypeError(f"hycam.apply needs a hycam.HyCAMConfig, got {type(config).__name__}")
+    return config
+
+
 def _put_in(model: nn.Module, config: HyCAMConfig, layout, indices: list[int], adapter_name: str) -> None:
-    hidden = model.config.hidden_size  # not a weight shape: under ZeRO-3 weights are empty here
     model._hycam_trainable_before = [name for name, p in model.named_parameters() if p.requires_grad]
     adapters = _peft_adapter_parameters(model)
     for param in model.parameters():
         param.requires_grad_(param.requires_grad and id(param) in adapters)
     record = balance.ForwardRecord(config)
+    model.hycam_adapters = {adapter_name: config}
     for i in indices:
-        _inject_layer(layout.layers[i], hidden, config, adapter_name, record)
-    model.hycam_config = config
+        _inject_layer(model, layout.layers[i], config, adapter_name, record)
     balance.install(model, layout.backbone, layout.norm, record)
+    activate(model, adapter_name)
     mark_trainable(model)
+
+
+def add_adapter(model: nn.Module, config: HyCAMConfig, adapter_name: str) -> None:
+    """A further HyCAM adapter, with its own modules and router, on a model that has HyCAM. It is not active
+    (`activate`) and does not train (`mark_trainable`) until chosen. On failure the model is left as it was."""
+    config = _checked(config)
+    if adapter_name in model.hycam_adapters:
+        raise ValueError(f"this model already has a HyCAM adapter named {adapter_name!r}")
+    if config.train_layernorms or model.hycam_config.train_layernorms:
+        raise ValueError("HyCAMConfig(train_layernorms=True) trains the backbone's norms, which every adapter "
+                         "of a model shares: such an adapter must be the model's only one")
+    layout = find_layout(model)
+    indices = _layer_indices(config, len(layout.layers))
+    model.hycam_adapters[adapter_name] = config
+    try:
+        for i in indices:
+            _inject_layer(model, layout.layers[i], config, adapter_name, model.hycam_record)
+            mark(getattr(layout.layers[i].self_attn, MODULES)[adapter_name], False)
+    except BaseException:
+        delete_adapter(model, adapter_name)
+        raise
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Takes one adapter's modules out; the first adapter left becomes active, and without any left the model
+    is the backbone again (`remove`)."""
+    remaining = [name for name in model.hycam_adapters if name != adapter_name]
+    if not remaining:
+        remove(model)
+        return
+    for layer in decoder_layers(model):
+        cams = getattr(layer.self_attn, MODULES, None)
+        if cams is not None and adapter_name in cams:
+            cams.delete_adapter(adapter_name)
+            _sync_hooks(model, layer)
+    del model.hycam_adapters[adapter_name]
+    if adapter_name == model.hycam_active:
+        activate(model, remaining[0])
+
+
+def activate(model: nn.Module, adapter_name: str) -> None:
+    """Makes `adapter_name` the adapter every forward applies, routes and computes the balance loss of."""
+    model.hycam_config = model.hycam_record.config = model.hycam_adapters[adapter_name]
+    model.hycam_active = adapter_name
+    for cams in hycam_layers(model):
+        cams.set_adapter(adapter_name)
+
+
+def set_enabled(model: nn.Module, enabled: bool) -> None:
+    """Switches HyCAM off (the backbone's outputs exactly) or back on, keeping every weight."""
+    for cams in hycam_layers(model):
+        cams.enable_adapters(enabled)
 
 
 def remove(model: nn.Module) -> nn.Module:
@@ -83,14 +142,11 @@ def _take_out(model: nn.Module, layout) -> None:
     """Undoes whatever part of `_put_in` happened: all of it (`remove`) or some (a failed `apply`)."""
     for layer in layout.layers:
         if hasattr(layer.self_attn, MODULES):
-            drop_hooks(layer.self_attn, _after_attention)
-            drop_hooks(layer, _before_layer, pre=True)
-            delattr(layer.self_attn, MODULES)
-            vars(layer.self_attn).pop("hycam_record", None)
+            _strip(layer)
     for module, hook, before in balance.hook_sites(model, layout.backbone, layout.norm):
         drop_hooks(module, hook, before)
         vars(module).pop("hycam_record", None)  # absent after a failed apply
-    for name in ("hycam_config", "_hycam_trainable_before"):
+    for name in ("hycam_config", "hycam_adapters", "hycam_active", "_hycam_trainable_before"):
         vars(model).pop(name, None)
 
 
@@ -129,19 +185,24 @@ def is_applied(model: nn.Module) -> bool:
     return getattr(model, "hycam_config", None) is not None
 
 
-def hycam_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Every parameter HyCAM owns, by name: its modules' and, with `train_layernorms`, the two norms of each
-    layer it modulates. Exactly what `hycam.save` writes."""
+def hycam_parameters(model: nn.Module, adapter_name: str | None = None) -> dict[str, nn.Parameter]:
+    """Every parameter of one HyCAM adapter (the active one by default), by name: its modules' and, with
+    `train_layernorms`, the two norms of each layer it modulates. Exactly what `hycam.save` writes."""
     if not is_applied(model):
         raise ValueError("this model has no HyCAM: call hycam.apply(model, config) first")
+    name = model.hycam_active if adapter_name is None else adapter_name
+    if name not in model.hycam_adapters:
+        raise ValueError(f"this model has no HyCAM adapter {name!r}, only {sorted(model.hycam_adapters)}")
     norms = set()
-    if model.hycam_config.train_layernorms:
+    if model.hycam_adapters[name].train_layernorms:
         for layer in decoder_layers(model):
             if hasattr(layer.self_attn, MODULES):
                 norms |= {id(layer.input_layernorm), id(layer.post_attention_layernorm)}
     found = {}
     for prefix, module in model.named_modules():
-        if isinstance(module, HyCAM) or id(module) in norms:
+        if isinstance(module, HyCAMLayer) and name in module:
+            found.update(module[name].named_parameters(prefix=f"{prefix}.{name}"))
+        elif id(module) in norms:
             found.update(module.named_parameters(prefix=prefix))
     return found
 
@@ -152,13 +213,16 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def mark_trainable(model: nn.Module, requires_grad: bool = True) -> None:
-    """Sets `requires_grad` of HyCAM's parameters by its config: all of them, but the routers when
-    `train_router=False`; `requires_grad=False` freezes them all (inference)."""
-    frozen = set()
-    if not model.hycam_config.train_router:
-        frozen = {id(p) for cam in model.modules() if isinstance(cam, HyCAM) for p in cam.router_parameters()}
-    for param in hycam_parameters(model).values():
-        param.requires_grad_(requires_grad and id(param) not in frozen)
+    """Sets `requires_grad` of HyCAM's parameters: the active adapter's by its config (all of them, but its
+    routers when `train_router=False`; the norms too with `train_layernorms`), every other adapter's frozen;
+    `requires_grad=False` freezes them all (inference)."""
+    active = model.hycam_active
+    for cams in hycam_layers(model):
+        for name, cam in cams.items():
+            mark(cam, requires_grad and name == active)
+    for name, param in hycam_parameters(model).items():
+        if f".{MODULES}." not in name:  # a norm (train_layernorms)
+            param.requires_grad_(requires_grad)
 
 
 def _layer_indices(config: HyCAMConfig, num_layers: int) -> list[int]:
@@ -169,33 +233,67 @@ def _layer_indices(config: HyCAMConfig, num_layers: int) -> list[int]:
     return indices
 
 
-def _inject_layer(layer: nn.Module, hidden: int, config: HyCAMConfig, adapter_name: str,
+def _inject_layer(model: nn.Module, layer: nn.Module, config: HyCAMConfig, adapter_name: str,
                   record: balance.ForwardRecord) -> None:
+    hidden = model.config.hidden_size  # not a weight shape: under ZeRO-3 weights are empty here
     weight = next(layer.parameters())
     cam = HyCAM(hidden, config, device=weight.device, dtype=weight.dtype).train(layer.training)
-    setattr(layer.self_attn, MODULES, nn.ModuleDict({adapter_name: cam}))
-    layer.self_attn.hycam_record = record
-    layer.self_attn.register_forward_hook(_after_attention, with_kwargs=True)
-    if config.modulate == "residual":
+    cams = getattr(layer.self_attn, MODULES, None)
+    if cams is None:
+        cams = HyCAMLayer()
+        cams.set_adapter(model.hycam_active if is_applied(model) else adapter_name)
+        setattr(layer.self_attn, MODULES, cams)
+        layer.self_attn.hycam_record = record
+    cams[adapter_name] = cam
+    _sync_hooks(model, layer)
+
+
+def _sync_hooks(model: nn.Module, layer: nn.Module) -> None:
+    """The layer's hooks for the adapters it holds: the attention hook, and the layer's pre-hook when one of
+    them modulates the residual sum (it costs a call per layer and token otherwise); none without adapters."""
+    cams = getattr(layer.self_attn, MODULES)
+    if not cams:
+        _strip(layer)
+        return
+    if not _has_hook(layer.self_attn, _after_attention):
+        layer.self_attn.register_forward_hook(_after_attention, with_kwargs=True)
+    residual = any(model.hycam_adapters[name].modulate == "residual" for name in cams)
+    if residual and not _has_hook(layer, _before_layer, pre=True):
         layer.register_forward_pre_hook(_before_layer, with_kwargs=True)
+    elif not residual:
+        drop_hooks(layer, _before_layer, pre=True)
+
+
+def _strip(layer: nn.Module) -> None:
+    drop_hooks(layer.self_attn, _after_attention)
+    drop_hooks(layer, _before_layer, pre=True)
+    delattr(layer.self_attn, MODULES)
+    vars(layer.self_attn).pop("hycam_record", None)
+
+
+def _has_hook(module: nn.Module, hook, pre: bool = False) -> bool:
+    return any(fn is hook for fn in (module._forward_pre_hooks if pre else module._forward_hooks).values())
 
 
 def _before_layer(layer: nn.Module, args: tuple, kwargs: dict) -> None:
     """modulate="residual": the layer's input, which the attention hook adds to h_att."""
-    layer.self_attn.hycam_record.residual = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    record: balance.ForwardRecord = layer.self_attn.hycam_record
+    if record.config.modulate == "residual":  # the active adapter's choice; another adapter may differ
+        record.residual = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
 
 
 def _after_attention(attn: nn.Module, args: tuple, kwargs: dict, output):
     """h_out = h_att + h_att * A_fusion (paper), or h_att + (residual + h_att) * A_fusion, which
     makes the layer's residual sum (residual + h_att) * (1 + A_fusion) as the authors' code does."""
+    record: balance.ForwardRecord = attn.hycam_record
+    residual, record.residual = record.residual, None
+    cam = attn.hycam_modules.active_module()
+    if cam is None:  # disabled (peft's disable_adapter), or the active adapter leaves this layer alone
+        return output
     h_norm = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # (B, L, d)
     h_att = output[0] if isinstance(output, tuple) else output  # (B, L, d)
-    (cam,) = attn.hycam_modules.values()  # one adapter a model
-    record: balance.ForwardRecord = attn.hycam_record
     A_fusion, logits, probs = cam(h_norm)  # (B, L, d), (B, L, N_s) or None
     record.add(logits, probs)
-    base = h_att
-    if record.residual is not None:
-        base, record.residual = record.residual + h_att, None
+    base = h_att if residual is None else residual + h_att
     h_out = torch.addcmul(h_att, base, A_fusion)  # one pass instead of a multiply and an add
     return (h_out, *output[1:]) if isinstance(output, tuple) else h_out

@@ -34,7 +34,7 @@ def _hycam_of(model: nn.Module, layer: int) -> nn.Module:
     modules = getattr(layers[layer].self_attn, "hycam_modules", None)
     if modules is None:
         raise ValueError(f"decoder layer {layer} has no HyCAM module (not a HyCAM checkpoint, or not in its layers)")
-    (cam,) = modules.values()  # one adapter a model
+    cam = modules.active_module()  # the adapter the model applies (peft: one of several)
     return cam
 
 
