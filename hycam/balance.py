@@ -121,7 +121,7 @@ def after_model(model: nn.Module, args: tuple, output):
         return output
     if not isinstance(output, ModelOutput):
         raise TypeError(f"HyCAM needs {type(model).__name__} to return a ModelOutput: do not pass return_dict=False")
-    if record.undeclared and not record.warned and not torch.compiler.is_compiling():
+    if record.undeclared and model.training and not record.warned and not torch.compiler.is_compiling():
         _warn_if_accumulating(model, record)
     unasked = model.training and not record.bare_backbone  # the balance loss, in training
     extra = {k: v for k, v in result.items() if record.want_routing or (unasked and k == "balance_loss")}
