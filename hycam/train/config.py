@@ -8,6 +8,7 @@ import ast
 import dataclasses
 import functools
 import inspect
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args, get_origin, get_type_hints
@@ -115,6 +116,10 @@ class TrainConfig(MethodOptions):
         return self.seed if self.data_seed is None else self.data_seed
 
     def __post_init__(self) -> None:
+        for name in _NUMBERS:  # inf and nan pass every range check below, and JSON cannot hold them
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ConfigError(name, f"must be a finite number, got {value!r}")
         for name, (ok, expected) in _CHECKS.items():
             value = getattr(self, name)
             if not ok(value):
@@ -130,6 +135,8 @@ def _optional(check):
 _HINTS = get_type_hints(TrainConfig)
 # balance_scope is a field of MethodOptions (a plain str there): its values are HyCAMConfig's.
 _HINTS["balance_scope"] = get_type_hints(HyCAMConfig)["balance_scope"]
+_NUMBERS = [name for name, hint in _HINTS.items() if get_origin(hint) is not Literal and float in getattr(
+    hint, "__args__", (hint,))]
 CHOICES = {name: get_args(hint) for name, hint in _HINTS.items() if get_origin(hint) is Literal}
 
 _CHECKS = {  # option: (accepts the value, what it must be)

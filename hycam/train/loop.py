@@ -209,7 +209,7 @@ def _finish(run: Run, progress: Progress, stop: str) -> None:
     """last/, the closing messages, and summary.json: the run is done."""
     checkpoints.save_trained(run, LAST, {"step": progress.step})
     run.log(f"stopped: {stop}. best validation loss {progress.best:.4f}; checkpoints in {run.out}/{BEST}, /{LAST}")
-    run.log(f"evaluate it: hycam-eval --checkpoint {run.out / BEST}")
+    run.log(f"evaluate it: {rundir.evaluate_command(run.out / BEST)}")
     if run.rank == 0:
         summary = progress.to_json() | {"stop": stop}
         (run.out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")

@@ -13,10 +13,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shlex
 import shutil
 import socket
 from dataclasses import asdict
 from pathlib import Path
+from typing import IO
 
 import torch
 import torch.distributed as dist
@@ -40,10 +42,10 @@ class RunDirError(FileExistsError):
 def claim(cfg: TrainConfig, world: int, rank: int, log):
     """Holds --output_dir for this run for the block; yields True if the run continues from resume/.
     A collective call: rank 0 decides, every rank raises RunDirError or enters the block."""
-    lock, code, message = None, 0, ""
+    held, code, message = None, 0, ""
     if rank == 0:
         try:
-            lock = _lock(Path(cfg.output_dir))
+            held = lock(Path(cfg.output_dir))
             code = int(prepare(cfg, world, log))
         except RunDirError as err:
             code, message = -1, str(err)
@@ -54,20 +56,26 @@ def claim(cfg: TrainConfig, world: int, rank: int, log):
             raise RunDirError(message or f"rank 0 refused --output_dir {cfg.output_dir} (see its message)")
         yield bool(status.item())
     finally:
-        if lock is not None:
-            lock.close()
+        if held is not None:
+            held.close()
 
 
-def _lock(out: Path):
-    out.mkdir(parents=True, exist_ok=True)
-    file = (out / LOCK).open("a+")
+def lock(out: Path, option: str = "--output_dir") -> IO[str]:
+    """Creates `out` if needed and takes its lock (an open file: closing it releases the lock); a folder
+    that cannot be written, or in use, is a RunDirError naming `option`, before any work is done."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        file = (out / LOCK).open("a+")
+    except OSError as err:
+        what = "names a file, not a folder" if out.exists() and not out.is_dir() else "cannot be written"
+        raise RunDirError(f"{option} {out} {what} ({err.strerror}): choose another directory") from None
     try:
         fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         file.seek(0)
         holder = file.read().strip() or "another process"
         file.close()
-        raise RunDirError(f"--output_dir {out} is in use by another run ({holder}): wait for it to end, "
+        raise RunDirError(f"{option} {out} is in use by another run ({holder}): wait for it to end, "
                           "or choose another directory") from None
     file.truncate(0)
     file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
@@ -91,6 +99,9 @@ def prepare(cfg: TrainConfig, world: int, log) -> bool:
             return True
         log(f"--resume: {out} has no resume state (the run stopped before its first evaluation): "
             "starting it again from step 0")
+    elif (out / SUMMARY).is_file():
+        raise RunDirError(f"--output_dir {out} holds a finished run ({out / SUMMARY}): evaluate it with "
+                          f"{evaluate_command(out / BEST)}, or choose another directory to train again")
     elif any((out / name).exists() for name in CHECKPOINTS):
         raise RunDirError(f"--output_dir {out} already holds a run with checkpoints: pass --resume true to "
                           "continue it, or choose another directory")
@@ -99,6 +110,11 @@ def prepare(cfg: TrainConfig, world: int, log) -> bool:
     for name in (METRICS, SUMMARY, TENSORBOARD):
         _remove(out / name)
     return False
+
+
+def evaluate_command(checkpoint: Path) -> str:
+    """The hycam-eval command line for `checkpoint`, quoted for a shell (paths may hold spaces)."""
+    return f"hycam-eval --checkpoint {shlex.quote(str(checkpoint))}"
 
 
 def check_same_run(cfg: TrainConfig, world: int, recorded_file: Path) -> None:
