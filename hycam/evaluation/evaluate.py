@@ -30,7 +30,7 @@ from hycam.data.prompts import TEMPLATES
 from hycam.evaluation import tables
 from hycam.evaluation.loading import Checkpoint, load_model_for, read_checkpoint
 from hycam.evaluation.precision import bf16_is_fast
-from hycam.evaluation.scoring import average, score
+from hycam.evaluation.scoring import average, score, skipped_note
 from hycam.evaluation.selection import (SPLITS, EvalOptions, UsageError, describe, read_tasks, resolve_options,
                                         scored, select_records, task_files, trained_on)
 from hycam.train import rundir
@@ -134,6 +134,9 @@ def execute(chosen: Plan, device: str = "cpu", dtype: str = "auto", label: str |
     model, tokenizer = load_model_for(found, chosen.base_model, device, torch_dtype)
     torch.manual_seed(options.seed if options.seed is not None else 0)  # only noisy routing (eval_noise) draws
     metrics, generations, records = score(model, tokenizer, chosen.by_task, options)
+    skipped = skipped_note(metrics, options, model)
+    if skipped:
+        print(f"hycam-eval: note: {skipped}", flush=True)
     # "seed" names the run (its init), "split_seed" the records: they differ in a paired study (--data_seed).
     # Without a recorded seed it is the split's, else 0 (tables need an int).
     result = {"method": label or recorded.get("method", "base"),
@@ -141,7 +144,8 @@ def execute(chosen: Plan, device: str = "cpu", dtype: str = "auto", label: str |
               "tasks": metrics, "average": average(metrics), "options": asdict(options), "records": records,
               "split_seed": options.seed, "scored": chosen.account, "dtype": str(torch_dtype).removeprefix("torch."),
               "checkpoint": str(found.path.resolve()) if found else None,
-              "task_files": chosen.account["files"], "base_model": chosen.base_model or recorded.get("model")}
+              "task_files": chosen.account["files"], "base_model": chosen.base_model or recorded.get("model"),
+              "skipped": skipped}
     return result, generations
 
 
@@ -177,6 +181,7 @@ def write_results(result: dict, generations: list[dict], output_dir: str | Path)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     scored_line = f"Scored: {describe(result['scored'])}\n\n" if "scored" in result else ""
+    scored_line += f"Skipped: {result['skipped']}\n\n" if result.get("skipped") else ""
     part = "all records" if result["split"] == "all" else f"{result['split']} split"
     markdown = (f"{scored_line}## Per task ({part})\n\n{tables.markdown_per_task([result])}\n"
                 f"## Averaged over tasks\n\n{tables.markdown_overall([result])}")
