@@ -68,6 +68,7 @@ def setup(cfg: TrainConfig, rank: int, world: int, log: Callable[[str], None], i
     params = methods.trainable(model, cfg.method)
     trainable = sum(p.numel() for p in params.values())
     log(f"{cfg.method}: {trainable:,} trainable of {sum(p.numel() for p in model.parameters()):,} parameters")
+    checkpoints.check_space(Path(cfg.output_dir), trainable)  # before training, not at its first save
     total = _schedule_steps(cfg, splits["train"], world)
     optimizer = adamw(params, cfg)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, world),
@@ -235,6 +236,8 @@ def cli(argv: list[str]) -> None:
         _say(f"[hycam] rank {os.environ.get('RANK', 0)}: another rank did not answer within --dist_timeout "
              f"(it stopped or died); stopping. ({str(err).strip().splitlines()[0]})")
         sys.exit(1)
+    finally:
+        rundir.leave_group()
 
 
 def _say(message: str) -> None:

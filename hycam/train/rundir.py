@@ -60,6 +60,14 @@ def claim(cfg: TrainConfig, world: int, rank: int, log):
             held.close()
 
 
+def leave_group() -> None:
+    """Ends this process's part in the process group before the interpreter exits: torn down by the exit
+    instead, its C++ threads could abort the process ("terminate called without an active exception",
+    exit code 134) after the run had said why it stopped."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def lock(out: Path, option: str = "--output_dir") -> IO[str]:
     """Creates `out` if needed and takes its lock (an open file: closing it releases the lock); a folder
     that cannot be written, or in use, is a RunDirError naming `option`, before any work is done."""
@@ -97,8 +105,9 @@ def prepare(cfg: TrainConfig, world: int, log) -> bool:
             raise RunDirError(f"--resume: the run in {out} has finished ({out / SUMMARY}); nothing to resume")
         if (out / RESUME).is_dir():
             return True
-        log(f"--resume: {out} has no resume state (the run stopped before its first evaluation): "
-            "starting it again from step 0")
+        why = (f"{BEST}/ holds trained weights only, no optimizer state" if (out / BEST).is_dir()
+               else "the run stopped before its first evaluation")
+        log(f"--resume: {out} has no resume state ({why}): starting the run again from step 0")
     elif (out / SUMMARY).is_file():
         raise RunDirError(f"--output_dir {out} holds a finished run ({out / SUMMARY}): evaluate it with "
                           f"{evaluate_command(out / BEST)}, or choose another directory to train again")
@@ -123,12 +132,22 @@ def check_same_run(cfg: TrainConfig, world: int, recorded_file: Path) -> None:
         recorded = read_json(recorded_file)
     except (OSError, ValueError) as err:
         raise RunDirError(f"--resume: cannot read the recorded run: {err}") from None  # err names the file
-    for name, value in {**asdict(cfg), "world_size": world}.items():
-        if name in MAY_CHANGE or name not in recorded or recorded[name] == value:
+    for name, value in identity(cfg, world).items():
+        if name not in recorded or recorded[name] == value:
             continue
-        what = "the number of processes" if name == "world_size" else f"--{name}"
-        raise RunDirError(f"--resume: {what} is {value!r}, but the run was started with {recorded[name]!r} "
-                          f"({recorded_file}): resume with the recorded value, or start a new --output_dir")
+        raise RunDirError(f"--resume: {option_name(name)} is {value!r}, but the run was started with "
+                          f"{recorded[name]!r} ({recorded_file}): resume with the recorded value, or start a new "
+                          "--output_dir")
+
+
+def identity(cfg: TrainConfig, world: int) -> dict:
+    """What makes a run the run it is: every option that changes what it computes, and its world size."""
+    return {name: value for name, value in {**asdict(cfg), "world_size": world}.items() if name not in MAY_CHANGE}
+
+
+def option_name(name: str) -> str:
+    """How a message names an entry of `identity`."""
+    return "the number of processes" if name == "world_size" else f"--{name}"
 
 
 def recover(out: Path) -> list[str]:
@@ -159,6 +178,11 @@ def staging(out: Path, name: str, rank: int) -> Path:
         tmp.mkdir()
     dist.barrier()
     return tmp
+
+
+def discard_staging(out: Path, name: str) -> None:
+    """Removes .NAME.tmp (a write into it failed)."""
+    _remove(out / f".{name}.tmp")
 
 
 def swap_in(out: Path, name: str, rank: int) -> None:
