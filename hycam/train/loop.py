@@ -6,6 +6,7 @@ the second term's gradient itself, weighted per optimizer step (`hycam.set_gradi
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import os
@@ -222,6 +223,7 @@ def _item(value) -> float:
 
 def cli(argv: list[str]) -> None:
     """main() for a shell: usage and data errors as one line with exit code 2, signals as 128 + signum."""
+    atexit.register(rundir.leave_group)  # at exit, not on return: an in-process caller may train again
     try:
         main(argv)
     except (ConfigError, DataError, rundir.RunDirError, StaleBuildLock) as err:
@@ -236,8 +238,6 @@ def cli(argv: list[str]) -> None:
         _say(f"[hycam] rank {os.environ.get('RANK', 0)}: another rank did not answer within --dist_timeout "
              f"(it stopped or died); stopping. ({str(err).strip().splitlines()[0]})")
         sys.exit(1)
-    finally:
-        rundir.leave_group()
 
 
 def _say(message: str) -> None:

@@ -61,9 +61,9 @@ def claim(cfg: TrainConfig, world: int, rank: int, log):
 
 
 def leave_group() -> None:
-    """Ends this process's part in the process group before the interpreter exits: torn down by the exit
-    instead, its C++ threads could abort the process ("terminate called without an active exception",
-    exit code 134) after the run had said why it stopped."""
+    """Ends this process's part in the process group (at interpreter exit, registered with atexit): left to
+    the C++ teardown after Python's, its threads could abort the process ("terminate called without an
+    active exception", exit code 134) after the run had said why it stopped."""
     if dist.is_initialized():
         dist.destroy_process_group()
 
