@@ -108,7 +108,7 @@ class TrainConfig(MethodOptions):
     dist_timeout: float = 1800.0
     """Seconds a rank waits for the others in a collective before the run stops with an error."""
     stale_lock_minutes: float = 10.0
-    """A torch-extensions build lock this old, with no build running, stops the run naming it."""
+    """The longest wait on a torch-extensions build lock no process holds while its folder is being written."""
 
     @property
     def split_seed(self) -> int:
@@ -116,10 +116,6 @@ class TrainConfig(MethodOptions):
         return self.seed if self.data_seed is None else self.data_seed
 
     def __post_init__(self) -> None:
-        for name in _NUMBERS:  # inf and nan pass every range check below, and JSON cannot hold them
-            value = getattr(self, name)
-            if value is not None and not math.isfinite(value):
-                raise ConfigError(name, f"must be a finite number, got {value!r}")
         for name, (ok, expected) in _CHECKS.items():
             value = getattr(self, name)
             if not ok(value):
@@ -135,8 +131,6 @@ def _optional(check):
 _HINTS = get_type_hints(TrainConfig)
 # balance_scope is a field of MethodOptions (a plain str there): its values are HyCAMConfig's.
 _HINTS["balance_scope"] = get_type_hints(HyCAMConfig)["balance_scope"]
-_NUMBERS = [name for name, hint in _HINTS.items() if get_origin(hint) is not Literal and float in getattr(
-    hint, "__args__", (hint,))]
 CHOICES = {name: get_args(hint) for name, hint in _HINTS.items() if get_origin(hint) is Literal}
 
 _CHECKS = {  # option: (accepts the value, what it must be)
@@ -235,9 +229,12 @@ def convert(option: str, hint, value):
         return items
     base = _value_type(hint)
     try:
-        return _SCALARS[base](value)
+        converted = _SCALARS[base](value)
     except (TypeError, ValueError):
         raise ConfigError(option, f"expected {_NAMES[base]}, got {value!r}") from None
+    if base is not float or math.isfinite(converted):
+        return converted
+    raise ConfigError(option, f"expected a finite number, got {value!r}")  # inf, nan pass any range check; not JSON
 
 
 def _to_bool(value) -> bool:

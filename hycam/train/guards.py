@@ -1,5 +1,6 @@
 """What ends a run cleanly instead of killing or hanging it: signals and stale build locks.
 
+- ``leave_group``: the process group is left at exit before the C++ teardown could abort it.
 - ``Interrupts``: the first SIGINT/SIGTERM asks the loop to save its resume state at the next
   optimizer step and stop; a second one (or one before training started) stops at once.
 - ``check_build_locks``: torch's C++-extension builder (which DeepSpeed uses for its ops) waits
@@ -18,6 +19,8 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import torch.distributed as dist
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -143,3 +146,11 @@ def _building(directory: Path, since: float) -> bool:
         except OSError:  # gone, or not ours to read
             continue
     return False
+
+
+def leave_group() -> None:
+    """Ends this process's part in the process group (at interpreter exit, registered with atexit): left to
+    the C++ teardown after Python's, its threads could abort the process ("terminate called without an
+    active exception", exit code 134) after the run had said why it stopped."""
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -29,7 +29,8 @@ from hycam.files import BEST, LAST, RESUME, RUN_CONFIG, SUMMARY
 from hycam.train import checkpoints, rundir
 from hycam.train.config import ConfigError, TrainConfig, parse_args
 from hycam.train.distributed import init_distributed
-from hycam.train.guards import Interrupted, Interrupts, StaleBuildLock, check_build_locks, signal_name
+from hycam.train.guards import (Interrupted, Interrupts, StaleBuildLock, check_build_locks, leave_group,
+                                signal_name)
 from hycam.train.metrics import MetricsLog
 from hycam.train.optimization import adamw, cosine_schedule, deepspeed_config
 from hycam.train.splits import prepare_splits
@@ -223,7 +224,7 @@ def _item(value) -> float:
 
 def cli(argv: list[str]) -> None:
     """main() for a shell: usage and data errors as one line with exit code 2, signals as 128 + signum."""
-    atexit.register(rundir.leave_group)  # at exit, not on return: an in-process caller may train again
+    atexit.register(leave_group)  # at exit, not on return: an in-process caller may train again
     try:
         main(argv)
     except (ConfigError, DataError, rundir.RunDirError, StaleBuildLock) as err:

@@ -60,14 +60,6 @@ def claim(cfg: TrainConfig, world: int, rank: int, log):
             held.close()
 
 
-def leave_group() -> None:
-    """Ends this process's part in the process group (at interpreter exit, registered with atexit): left to
-    the C++ teardown after Python's, its threads could abort the process ("terminate called without an
-    active exception", exit code 134) after the run had said why it stopped."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def lock(out: Path, option: str = "--output_dir") -> IO[str]:
     """Creates `out` if needed and takes its lock (an open file: closing it releases the lock); a folder
     that cannot be written, or in use, is a RunDirError naming `option`, before any work is done."""

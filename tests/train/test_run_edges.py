@@ -241,9 +241,9 @@ def test_a_refused_resume_exits_2_with_its_one_line(halted, tiny_model_dir, tmp_
 
 @pytest.mark.fast
 @pytest.mark.parametrize("where, value, line", [
-    ("yaml", "1e400", "main.py: error: {config}: lr: must be a finite number, got inf (see --help)"),
-    ("cli", "inf", "main.py: error: --lr must be a finite number, got inf (see --help)"),
-    ("cli", "nan", "main.py: error: --lr must be a finite number, got nan (see --help)")])
+    ("yaml", "1e400", "main.py: error: {config}: lr: expected a finite number, got '1e400' (see --help)"),
+    ("cli", "inf", "main.py: error: argument --lr: expected a finite number, got 'inf' (see --help)"),
+    ("cli", "nan", "main.py: error: argument --lr: expected a finite number, got 'nan' (see --help)")])
 def test_a_non_finite_number_is_refused_where_it_is_read(where, value, line, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(f"lr: {value}\n")
