@@ -99,8 +99,10 @@ def continue_with(out: Path) -> str:
     """How to go on with the stopped run in `out`, as --resume true will do it."""
     if (out / RESUME).is_dir():
         return f"continue with --resume true (from {out}/{RESUME}, step {_step(out, RESUME)})"
-    return (f"run again with --resume true: with no {RESUME}/ saved it starts again from step 0 ({BEST}/ holds "
-            "weights only, no optimizer state)")
+    if (out / BEST).is_dir():
+        return (f"run again with --resume true: with no {RESUME}/ saved it starts again from step 0 ({BEST}/ holds "
+                "weights only, no optimizer state)")
+    return "run again: it starts from step 0"
 
 
 def _step(out: Path, name: str) -> int | str:
