@@ -10,7 +10,9 @@ Without `--tasks` the run's own test split is scored, rebuilt as main.py made it
 untrained, with the same prompts, tokenisation and decoding (`loading`); what is measured and how is
 `scoring`'s. What is scored is printed first and recorded in `results.json` ("scored").
 Results go to `results.json` (the record `hycam.evaluation.tables` reads), `results.md` and
-`generations.jsonl` in `--output-dir`. Bad input exits with code 2 and one line naming it.
+`generations.jsonl` in `--output-dir`, which is locked (as `main.py` locks its run folder) before
+anything is scored: a folder that cannot be written, or that another evaluation holds, fails first.
+Bad input exits with code 2 and one line naming it.
 """
 
 from __future__ import annotations
