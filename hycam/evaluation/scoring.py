@@ -46,7 +46,7 @@ def score(model: nn.Module, tokenizer, by_task: dict[str, list[Record]],
 
 def fitting(model: nn.Module, tokenizer, by_task: dict[str, list[Record]],
             options: EvalOptions) -> dict[str, list[bool]]:
-    """Whether each task's records have a prompt fits both --max-length (PPL) and the model's context with
+    """Per task, whether each record's prompt fits both --max-length (PPL) and the model's context with
     --max-new-tokens after it (generation). A field longer than --max-length times the longest token's
     characters is too long whatever its tokens: it is never tokenised (a 50 MB input costs nothing)."""
     context = getattr(model.config, "max_position_embeddings", None)
