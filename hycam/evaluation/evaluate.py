@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -81,13 +82,27 @@ def main(argv: list[str] | None = None) -> int:
     try:
         chosen = plan(args.checkpoint, args.base_model, args.tasks, options)
         out = Path(args.output_dir or default_output_dir(args.checkpoint, chosen.options.split))
-        with closing(rundir.lock(out, "--output-dir")):  # before scoring: a folder it cannot write fails fast
+        with output_folder(out):  # before scoring: a folder it cannot write fails fast
             result, generations = execute(chosen, args.device, args.dtype, args.label)
             report(result, generations, out)
     except (UsageError, DataError, RunDirError) as err:
         print(f"hycam-eval: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+@contextmanager
+def output_folder(out: Path):
+    """Holds `out`'s lock for the block (`rundir.lock`: made if needed, writable, not in use); a folder made
+    here for an evaluation that failed is removed again."""
+    made = not out.exists()
+    with closing(rundir.lock(out, "--output-dir")):
+        try:
+            yield
+        except BaseException:
+            if made:
+                shutil.rmtree(out, ignore_errors=True)
+            raise
 
 
 @dataclass(frozen=True)

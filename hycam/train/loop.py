@@ -224,6 +224,7 @@ def _item(value) -> float:
 
 def cli(argv: list[str]) -> None:
     """main() for a shell: usage and data errors as one line with exit code 2, signals as 128 + signum."""
+    atexit.unregister(leave_group)  # once, however often it is called in one process
     atexit.register(leave_group)  # at exit, not on return: an in-process caller may train again
     try:
         main(argv)

@@ -113,3 +113,10 @@ def test_records_too_long_are_skipped_for_every_metric_and_counted(checkpoint, c
     generated = [json.loads(line)["input"] for line in (out / "generations.jsonl").read_text().splitlines()]
     assert generated == ["", "", ""]
     assert f"Skipped: {note}" in (out / "results.md").read_text()
+
+
+def test_a_failed_evaluation_leaves_no_output_folder_it_made(checkpoint, capsys):
+    out = checkpoint.parent / "eval"
+    code, lines = evaluate_into(checkpoint, out, capsys, "--base-model", str(checkpoint.parent / "no-such-model"))
+    assert code == 2 and len(lines) == 1 and "no-such-model" in lines[0]
+    assert not out.exists()
