@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from hycam import files
+from hycam.folders import FolderError, lock
 from hycam.data import DataError, Record
 from hycam.data.prompts import TEMPLATES
 from hycam.evaluation import tables
@@ -36,8 +37,6 @@ from hycam.evaluation.precision import bf16_is_fast
 from hycam.evaluation.scoring import average, score, skipped_note
 from hycam.evaluation.selection import (SPLITS, EvalOptions, UsageError, describe, read_tasks, resolve_options,
                                         scored, select_records, task_files, trained_on)
-from hycam.train import rundir
-from hycam.train.rundir import RunDirError
 
 DTYPES = ("auto", "float32", "bfloat16")
 
@@ -85,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         with output_folder(out):  # before scoring: a folder it cannot write fails fast
             result, generations = execute(chosen, args.device, args.dtype, args.label)
             report(result, generations, out)
-    except (UsageError, DataError, RunDirError) as err:
+    except (UsageError, DataError, FolderError) as err:
         print(f"hycam-eval: error: {err}", file=sys.stderr)
         return 2
     return 0
@@ -93,10 +92,10 @@ def main(argv: list[str] | None = None) -> int:
 
 @contextmanager
 def output_folder(out: Path):
-    """Holds `out`'s lock for the block (`rundir.lock`: made if needed, writable, not in use); a folder made
-    here for an evaluation that failed is removed again."""
+    """Holds `out`'s lock for the block (`hycam.folders.lock`: made if needed, writable, not in use); a
+    folder made here for an evaluation that failed is removed again."""
     made = not out.exists()
-    with closing(rundir.lock(out, "--output-dir")):
+    with closing(lock(out, "--output-dir")):
         try:
             yield
         except BaseException:
@@ -143,7 +142,8 @@ def run(checkpoint: str | None, base_model: str | None, tasks: list[str] | None,
     return execute(plan(checkpoint, base_model, tasks, options), device, dtype, label)
 
 
-def execute(chosen: Plan, device: str = "cpu", dtype: str = "auto", label: str | None = None) -> tuple[dict, list[dict]]:
+def execute(chosen: Plan, device: str = "cpu", dtype: str = "auto",
+            label: str | None = None) -> tuple[dict, list[dict]]:
     """Loads the model and scores the plan's records; returns the result record and the generations."""
     found, options = chosen.checkpoint, chosen.options
     recorded = found.recorded if found else {}

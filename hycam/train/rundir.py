@@ -1,8 +1,10 @@
 """The run directory: owned by one run at a time, swapped in whole, and judged before a run starts.
 
-- ``claim``: rank 0 takes the directory's lock (an ``flock``, so a dead run holds none), finishes
-  any swap a crash interrupted, and decides whether the run continues from ``resume/``, starts
-  over a run that saved nothing, or is refused; every rank learns the answer.
+- ``claim``: rank 0 takes the directory's lock (``hycam.folders.lock``, so a dead run holds none),
+  finishes any swap a crash interrupted, and decides whether the run continues from ``resume/``,
+  starts over a run that saved nothing, or is refused; every rank learns the answer.
+- ``identity``: the options that make a run the run it is; a resume checks them against
+  ``run_config.json`` and against the resume state's own record.
 - ``staging`` / ``swap_in``: a checkpoint directory (``resume``, ``best``, ``last``) is written
   under ``.NAME.tmp``, renamed to ``.NAME.new`` once complete, then swapped for ``NAME``; at
   every point a crash leaves either the old or the new directory, which ``recover`` puts back.
@@ -11,20 +13,18 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import shlex
 import shutil
-import socket
 from dataclasses import asdict
 from pathlib import Path
-from typing import IO
 
 import torch
 import torch.distributed as dist
 
 from hycam.checkpoint import read_json
-from hycam.files import BEST, LAST, LOCK, METRICS, RESUME, RUN_CONFIG, SUMMARY
+from hycam.files import BEST, LAST, METRICS, RESUME, RUN_CONFIG, SUMMARY
+from hycam.folders import FolderError, lock
 from hycam.train.config import TrainConfig
 from hycam.train.metrics import TENSORBOARD
 
@@ -47,7 +47,7 @@ def claim(cfg: TrainConfig, world: int, rank: int, log):
         try:
             held = lock(Path(cfg.output_dir))
             code = int(prepare(cfg, world, log))
-        except RunDirError as err:
+        except (RunDirError, FolderError) as err:
             code, message = -1, str(err)
     status = torch.tensor([code])
     dist.broadcast(status, 0)
@@ -58,29 +58,6 @@ def claim(cfg: TrainConfig, world: int, rank: int, log):
     finally:
         if held is not None:
             held.close()
-
-
-def lock(out: Path, option: str = "--output_dir") -> IO[str]:
-    """Creates `out` if needed and takes its lock (an open file: closing it releases the lock); a folder
-    that cannot be written, or in use, is a RunDirError naming `option`, before any work is done."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        file = (out / LOCK).open("a+")
-    except OSError as err:
-        what = "names a file, not a folder" if out.exists() and not out.is_dir() else "cannot be written"
-        raise RunDirError(f"{option} {out} {what} ({err.strerror}): choose another directory") from None
-    try:
-        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        file.seek(0)
-        holder = file.read().strip() or "another process"
-        file.close()
-        raise RunDirError(f"{option} {out} is in use by another run ({holder}): wait for it to end, "
-                          "or choose another directory") from None
-    file.truncate(0)
-    file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    file.flush()
-    return file
 
 
 def prepare(cfg: TrainConfig, world: int, log) -> bool:
