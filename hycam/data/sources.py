@@ -33,10 +33,18 @@ def load_sources(items: Sequence[str | Path], seed: int = 0, synthetic_per_task:
     if isinstance(items, (str, Path)) or not items:
         raise DataError(f"expected a list of data sources (files, folders, saved datasets, hub:NAME or "
                         f"{SYNTHETIC}); got {items!r}")
+    missing = [str(item) for item in items if _is_missing(str(item))]
+    if missing:  # every missing path at once: a list of typos is fixed in one go
+        raise DataError(f"{', '.join(missing)}: no such file or folder (the generated tasks are '{SYNTHETIC}', "
+                        f"a Hub dataset is '{HUB_PREFIX}NAME')")
     records: list[Record] = []
     for item in items:
         records.extend(_read_source(str(item), seed, synthetic_per_task))
     return records
+
+
+def _is_missing(item: str) -> bool:
+    return item != SYNTHETIC and not item.startswith(HUB_PREFIX) and not Path(item).exists()
 
 
 def _read_source(item: str, seed: int, synthetic_per_task: int) -> list[Record]:
@@ -47,9 +55,6 @@ def _read_source(item: str, seed: int, synthetic_per_task: int) -> list[Record]:
     path = Path(item)
     if is_saved_dataset(path):
         return _read_saved(path)
-    if not path.exists():
-        raise DataError(f"{item}: no such file or folder (the generated tasks are '{SYNTHETIC}', "
-                        f"a Hub dataset is '{HUB_PREFIX}NAME')")
     return load_records(path)
 
 

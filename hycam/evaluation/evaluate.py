@@ -10,26 +10,31 @@ Without `--tasks` the run's own test split is scored, rebuilt as main.py made it
 untrained, with the same prompts, tokenisation and decoding (`loading`); what is measured and how is
 `scoring`'s. What is scored is printed first and recorded in `results.json` ("scored").
 Results go to `results.json` (the record `hycam.evaluation.tables` reads), `results.md` and
-`generations.jsonl` in `--output-dir`. Bad input exits with code 2 and one line naming it.
+`generations.jsonl` in `--output-dir`, which is locked (as `main.py` locks its run folder) before
+anything is scored: a folder that cannot be written, or that another evaluation holds, fails first.
+Bad input exits with code 2 and one line naming it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
-from dataclasses import asdict
+from contextlib import closing, contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from hycam import files
-from hycam.data import DataError
+from hycam.folders import FolderError, lock
+from hycam.data import DataError, Record
 from hycam.data.prompts import TEMPLATES
 from hycam.evaluation import tables
-from hycam.evaluation.loading import load_model_for, read_checkpoint
+from hycam.evaluation.loading import Checkpoint, load_model_for, read_checkpoint
 from hycam.evaluation.precision import bf16_is_fast
-from hycam.evaluation.scoring import average, score
+from hycam.evaluation.scoring import average, score, skipped_note
 from hycam.evaluation.selection import (SPLITS, EvalOptions, UsageError, describe, read_tasks, resolve_options,
                                         scored, select_records, task_files, trained_on)
 
@@ -74,19 +79,49 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     options = EvalOptions(**{k: v for k, v in vars(args).items() if k in EvalOptions.__dataclass_fields__})
     try:
-        result, generations = run(args.checkpoint, args.base_model, args.tasks, options, args.device, args.dtype,
-                                  args.label)
-    except (UsageError, DataError) as err:
+        chosen = plan(args.checkpoint, args.base_model, args.tasks, options)
+        out = Path(args.output_dir or default_output_dir(args.checkpoint, chosen.options.split))
+        with output_folder(out):  # before scoring: a folder it cannot write fails fast
+            result, generations = execute(chosen, args.device, args.dtype, args.label)
+            report(result, generations, out)
+    except (UsageError, DataError, FolderError) as err:
         print(f"hycam-eval: error: {err}", file=sys.stderr)
         return 2
-    report(result, generations, args.output_dir or default_output_dir(args.checkpoint, result["split"]))
     return 0
 
 
-def run(checkpoint: str | None, base_model: str | None, tasks: list[str] | None, options: EvalOptions,
-        device: str = "cpu", dtype: str = "auto", label: str | None = None) -> tuple[dict, list[dict]]:
-    """The command's work: records chosen and described, the model loaded, everything scored; returns the
-    result record (`hycam.evaluation.tables`' format, plus what produced it) and the generations."""
+@contextmanager
+def output_folder(out: Path):
+    """Holds `out`'s lock for the block (`hycam.folders.lock`: made if needed, writable, not in use); a
+    folder made here for an evaluation that failed is removed again."""
+    made = not out.exists()
+    with closing(lock(out, "--output-dir")):
+        try:
+            yield
+        except BaseException:
+            if made:
+                shutil.rmtree(out, ignore_errors=True)
+            raise
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What an evaluation will score, read and checked before any model loads."""
+
+    checkpoint: Checkpoint | None
+    """The checkpoint read (None: the untrained base model)."""
+    base_model: str | None
+    """--base-model, if given."""
+    options: EvalOptions
+    """The options, filled from what the run recorded."""
+    by_task: dict[str, list[Record]]
+    """The records to score, by task."""
+    account: dict
+    """What is scored, as results.json records it ("scored")."""
+
+
+def plan(checkpoint: str | None, base_model: str | None, tasks: list[str] | None, options: EvalOptions) -> Plan:
+    """The records chosen and described, from the checkpoint's record of its run: bad input fails here."""
     if checkpoint is None and (base_model is None or not tasks):
         raise UsageError("pass --checkpoint RUN/best (a trained run), or --base-model MODEL with --tasks FILES "
                          "(the untrained base model)")
@@ -94,21 +129,40 @@ def run(checkpoint: str | None, base_model: str | None, tasks: list[str] | None,
     recorded = found.recorded if found else {}
     options = resolve_options(options, recorded, checkpoint or f"--base-model {base_model}", bool(tasks))
     sources = task_files(tasks, recorded)
-    by_task = select_records(read_tasks(sources, recorded), options)  # before the model loads: bad data fails fast
+    by_task = select_records(read_tasks(sources, recorded), options)
     account = scored(sources, by_task, options)
     announce(account, trained_on(sources, recorded) if tasks and options.split == "all" else [])
+    return Plan(found, base_model, options, by_task, account)
+
+
+def run(checkpoint: str | None, base_model: str | None, tasks: list[str] | None, options: EvalOptions,
+        device: str = "cpu", dtype: str = "auto", label: str | None = None) -> tuple[dict, list[dict]]:
+    """The command's work: records chosen and described, the model loaded, everything scored; returns the
+    result record (`hycam.evaluation.tables`' format, plus what produced it) and the generations."""
+    return execute(plan(checkpoint, base_model, tasks, options), device, dtype, label)
+
+
+def execute(chosen: Plan, device: str = "cpu", dtype: str = "auto",
+            label: str | None = None) -> tuple[dict, list[dict]]:
+    """Loads the model and scores the plan's records; returns the result record and the generations."""
+    found, options = chosen.checkpoint, chosen.options
+    recorded = found.recorded if found else {}
     torch_dtype = eval_dtype(dtype, device)
-    model, tokenizer = load_model_for(found, base_model, device, torch_dtype)
+    model, tokenizer = load_model_for(found, chosen.base_model, device, torch_dtype)
     torch.manual_seed(options.seed if options.seed is not None else 0)  # only noisy routing (eval_noise) draws
-    metrics, generations, records = score(model, tokenizer, by_task, options)
+    metrics, generations, records = score(model, tokenizer, chosen.by_task, options)
+    skipped = skipped_note(metrics, options, model)
+    if skipped:
+        print(f"hycam-eval: note: {skipped}", flush=True)
     # "seed" names the run (its init), "split_seed" the records: they differ in a paired study (--data_seed).
     # Without a recorded seed it is the split's, else 0 (tables need an int).
     result = {"method": label or recorded.get("method", "base"),
               "seed": recorded.get("seed", options.seed if options.seed is not None else 0), "split": options.split,
               "tasks": metrics, "average": average(metrics), "options": asdict(options), "records": records,
-              "split_seed": options.seed, "scored": account, "dtype": str(torch_dtype).removeprefix("torch."),
-              "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None,
-              "task_files": account["files"], "base_model": base_model or recorded.get("model")}
+              "split_seed": options.seed, "scored": chosen.account, "dtype": str(torch_dtype).removeprefix("torch."),
+              "checkpoint": str(found.path.resolve()) if found else None,
+              "task_files": chosen.account["files"], "base_model": chosen.base_model or recorded.get("model"),
+              "skipped": skipped}
     return result, generations
 
 
@@ -144,6 +198,7 @@ def write_results(result: dict, generations: list[dict], output_dir: str | Path)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     scored_line = f"Scored: {describe(result['scored'])}\n\n" if "scored" in result else ""
+    scored_line += f"Skipped: {result['skipped']}\n\n" if result.get("skipped") else ""
     part = "all records" if result["split"] == "all" else f"{result['split']} split"
     markdown = (f"{scored_line}## Per task ({part})\n\n{tables.markdown_per_task([result])}\n"
                 f"## Averaged over tasks\n\n{tables.markdown_overall([result])}")

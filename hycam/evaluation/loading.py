@@ -10,13 +10,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from types import UnionType
+from typing import Literal, Union, get_args, get_origin, get_type_hints
 
 import torch
 from torch import nn
 
 from hycam import files
 from hycam.baselines import methods
-from hycam.checkpoint import read_json
+from hycam.baselines.methods import MethodOptions
+from hycam.checkpoint import read_config, read_json
+from hycam.config import HyCAMConfig
 from hycam.data.models import load_model, load_tokenizer, resolve
 from hycam.evaluation.selection import UsageError
 
@@ -45,11 +49,46 @@ def read_checkpoint(checkpoint: str | Path) -> Checkpoint:
         raise UsageError(f"--checkpoint {checkpoint}: no such directory")
     try:
         method = methods.read_method(here)
+        _check_types(method["options"], MethodOptions, Path(checkpoint) / files.METHOD, "options.")
+        if (here / files.HYCAM_CONFIG).is_file():
+            saved = read_config(here).get("hycam_config")
+            _check_types(saved, HyCAMConfig, Path(checkpoint) / files.HYCAM_CONFIG, "hycam_config.")
         config = next((d / files.RUN_CONFIG for d in (here, here.parent, here.parent.parent)
                        if (d / files.RUN_CONFIG).is_file()), None)
         return Checkpoint(Path(checkpoint), method, read_json(config) if config else {})
     except (OSError, ValueError) as err:
         raise UsageError(str(err)) from err
+
+
+def _check_types(values, cls: type, file: Path, prefix: str) -> None:
+    """Refuses a value of the wrong JSON type (`"rank": "4"`): the method would fail on it later, deep in
+    building the model, without naming the file."""
+    if not isinstance(values, dict):
+        raise UsageError(f"{file}: {prefix.rstrip('.')} is {values!r}, not a JSON object")
+    hints = get_type_hints(cls)
+    for name, value in values.items():
+        if name in hints and not _fits(value, hints[name]):
+            raise UsageError(f"{file}: {prefix}{name} is {value!r}, not of type {_shown(hints[name])}")
+
+
+def _fits(value, hint) -> bool:
+    """Whether a JSON value is of the type `hint` (an int is a float too; a bool is neither)."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is Literal:
+        return value in args
+    if origin in (Union, UnionType):
+        return any(_fits(value, a) for a in args)
+    if origin is list:
+        return isinstance(value, list) and all(_fits(v, args[0]) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint in (int, float):
+        return isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _shown(hint) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
 
 
 def load_model_for(checkpoint: Checkpoint | None, base_model: str | None = None, device: str = "cpu",

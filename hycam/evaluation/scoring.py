@@ -30,16 +30,50 @@ def record_id(*texts: str) -> str:
 
 def score(model: nn.Module, tokenizer, by_task: dict[str, list[Record]],
           options: EvalOptions) -> tuple[dict[str, dict], list[dict], list[dict]]:
-    """Per-task metrics, every generation, and each scored record's response NLL, of records chosen."""
+    """Per-task metrics, every generation, and each scored record's response NLL, of records chosen.
+    A record too long to score (`fitting`) is left out of every metric and counted as "skipped"."""
     if options.generate_limit is not None and options.generate_limit < 1:
         raise UsageError(f"--generate-limit must be >= 1, got {options.generate_limit}")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    rows = _record_rows(model, tokenizer, [r for task_records in by_task.values() for r in task_records], pad,
-                        options)
-    generations = _generations(model, tokenizer, by_task, pad, options)
+    fit = fitting(model, tokenizer, by_task, options)
+    kept = {task: [r for r, ok in zip(records, fit[task]) if ok] for task, records in by_task.items()}
+    rows = _record_rows(model, tokenizer, by_task, fit, pad, options)
+    generations = _generations(model, tokenizer, kept, pad, options)
     metrics = {task: {**_task_metrics(task, generations, rows, options), "scored": len(by_task[task]),
-                      "skipped": sum(x["nll"] is None for x in rows if x["task"] == task)} for task in by_task}
+                      "skipped": len(by_task[task]) - len(kept[task])} for task in by_task}
     return metrics, generations, rows
+
+
+def fitting(model: nn.Module, tokenizer, by_task: dict[str, list[Record]],
+            options: EvalOptions) -> dict[str, list[bool]]:
+    """Per task, whether each record's prompt fits both --max-length (PPL) and the model's context with
+    --max-new-tokens after it (generation). A field longer than --max-length times the longest token's
+    characters is too long whatever its tokens: it is never tokenised (a 50 MB input costs nothing)."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    chars = options.max_length * max(map(len, tokenizer.get_vocab()))
+
+    def fits(record: Record) -> bool:
+        if max(len(record.instruction) + len(record.input), len(record.output)) > chars:
+            return False
+        prompt = len(prompt_ids(record, tokenizer, options.template))
+        return prompt < options.max_length and (context is None or prompt + options.max_new_tokens <= context)
+
+    try:
+        return {task: [fits(r) for r in records] for task, records in by_task.items()}
+    except ValueError as err:  # a template the tokenizer lacks
+        raise UsageError(str(err)) from err
+
+
+def skipped_note(metrics: dict[str, dict], options: EvalOptions, model: nn.Module) -> str | None:
+    """One line counting the records left out as too long, or None when every record was scored."""
+    counts = {task: values["skipped"] for task, values in metrics.items() if values["skipped"]}
+    if not counts:
+        return None
+    context = getattr(model.config, "max_position_embeddings", None)
+    room = f" or the model's context of {context} tokens with --max-new-tokens {options.max_new_tokens}" \
+        if context else ""
+    return (f"skipped {sum(counts.values())} records too long for --max-length {options.max_length}{room}, "
+            f"for every metric ({', '.join(f'{t}: {n}' for t, n in counts.items())})")
 
 
 def average(metrics: dict[str, dict]) -> dict[str, float]:
@@ -54,17 +88,15 @@ def stop_tokens(model: nn.Module, tokenizer) -> list[int]:
     return list(dict.fromkeys(t for t in [tokenizer.eos_token_id, *configured] if t is not None))
 
 
-def _record_rows(model: nn.Module, tokenizer, records: list[Record], pad: int, options: EvalOptions) -> list[dict]:
-    """Per record, in order: task, id, summed response NLL and response tokens (None, 0: prompt too long)."""
-    try:
-        examples = [tokenize_record(r, tokenizer, options.max_length, options.template) for r in records]
-    except ValueError as err:  # a template the tokenizer lacks, a bad --max-length
-        raise UsageError(str(err)) from err
-    scores = iter(record_nll(model, [e for e in examples if e is not None], pad, options.batch_size,
-                             options.progress))
+def _record_rows(model: nn.Module, tokenizer, by_task: dict[str, list[Record]], fit: dict[str, list[bool]],
+                 pad: int, options: EvalOptions) -> list[dict]:
+    """Per chosen record, in order: task, id, summed response NLL and response tokens (None, 0: skipped)."""
+    chosen = [(r, ok) for task, records in by_task.items() for r, ok in zip(records, fit[task])]
+    examples = [tokenize_record(r, tokenizer, options.max_length, options.template) for r, ok in chosen if ok]
+    scores = iter(record_nll(model, examples, pad, options.batch_size, options.progress))
     rows = []
-    for r, example in zip(records, examples):
-        total, tokens = next(scores) if example is not None else (None, 0)
+    for r, ok in chosen:
+        total, tokens = next(scores) if ok else (None, 0)
         rows.append({"task": r.task, "id": record_id(r.task, r.instruction, r.input, r.output), "nll": total,
                      "tokens": tokens})
     return rows

@@ -8,6 +8,7 @@ import ast
 import dataclasses
 import functools
 import inspect
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args, get_origin, get_type_hints
@@ -107,7 +108,7 @@ class TrainConfig(MethodOptions):
     dist_timeout: float = 1800.0
     """Seconds a rank waits for the others in a collective before the run stops with an error."""
     stale_lock_minutes: float = 10.0
-    """A torch-extensions build lock this old, with no build running, stops the run naming it."""
+    """The longest wait on a torch-extensions build lock no process holds while its folder is being written."""
 
     @property
     def split_seed(self) -> int:
@@ -228,9 +229,12 @@ def convert(option: str, hint, value):
         return items
     base = _value_type(hint)
     try:
-        return _SCALARS[base](value)
+        converted = _SCALARS[base](value)
     except (TypeError, ValueError):
         raise ConfigError(option, f"expected {_NAMES[base]}, got {value!r}") from None
+    if base is not float or math.isfinite(converted):
+        return converted
+    raise ConfigError(option, f"expected a finite number, got {value!r}")  # inf, nan pass any range check; not JSON
 
 
 def _to_bool(value) -> bool:

@@ -6,6 +6,7 @@ the second term's gradient itself, weighted per optimizer step (`hycam.set_gradi
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import os
@@ -28,7 +29,8 @@ from hycam.files import BEST, LAST, RESUME, RUN_CONFIG, SUMMARY
 from hycam.train import checkpoints, rundir
 from hycam.train.config import ConfigError, TrainConfig, parse_args
 from hycam.train.distributed import init_distributed
-from hycam.train.guards import Interrupted, Interrupts, StaleBuildLock, check_build_locks, signal_name
+from hycam.train.guards import (Interrupted, Interrupts, StaleBuildLock, check_build_locks, leave_group,
+                                signal_name)
 from hycam.train.metrics import MetricsLog
 from hycam.train.optimization import adamw, cosine_schedule, deepspeed_config
 from hycam.train.splits import prepare_splits
@@ -68,6 +70,7 @@ def setup(cfg: TrainConfig, rank: int, world: int, log: Callable[[str], None], i
     params = methods.trainable(model, cfg.method)
     trainable = sum(p.numel() for p in params.values())
     log(f"{cfg.method}: {trainable:,} trainable of {sum(p.numel() for p in model.parameters()):,} parameters")
+    checkpoints.check_space(Path(cfg.output_dir), trainable)  # before training, not at its first save
     total = _schedule_steps(cfg, splits["train"], world)
     optimizer = adamw(params, cfg)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, world),
@@ -209,7 +212,7 @@ def _finish(run: Run, progress: Progress, stop: str) -> None:
     """last/, the closing messages, and summary.json: the run is done."""
     checkpoints.save_trained(run, LAST, {"step": progress.step})
     run.log(f"stopped: {stop}. best validation loss {progress.best:.4f}; checkpoints in {run.out}/{BEST}, /{LAST}")
-    run.log(f"evaluate it: hycam-eval --checkpoint {run.out / BEST}")
+    run.log(f"evaluate it: {rundir.evaluate_command(run.out / BEST)}")
     if run.rank == 0:
         summary = progress.to_json() | {"stop": stop}
         (run.out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
@@ -221,6 +224,8 @@ def _item(value) -> float:
 
 def cli(argv: list[str]) -> None:
     """main() for a shell: usage and data errors as one line with exit code 2, signals as 128 + signum."""
+    atexit.unregister(leave_group)  # once, however often it is called in one process
+    atexit.register(leave_group)  # at exit, not on return: an in-process caller may train again
     try:
         main(argv)
     except (ConfigError, DataError, rundir.RunDirError, StaleBuildLock) as err:

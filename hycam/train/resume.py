@@ -5,7 +5,8 @@
 - ``optimizer-rank{r}.safetensors``: the torch optimizer's state on rank r: its parameters (the
   fp32 master copies DeepSpeed partitions across ranks under ZeRO and BF16, the trained parameters
   themselves otherwise) and their AdamW moments, with its hyperparameters as JSON metadata;
-- ``state.json``: where the loop is, the schedule's state and the world size.
+- ``state.json``: where the loop is, the schedule's state, the world size and the run's identity
+  (its options that change what it computes: a state copied from another run is refused by them).
 Nothing is pickled: tensors load with safetensors, the rest is JSON, so loading runs no code.
 The frozen backbone is not in it. No RNG state either: the loop reseeds torch at every optimizer
 step from (seed, step, rank) and a run resumes only at a step boundary.
@@ -23,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from hycam.checkpoint import copy_verified, gather_tensors, read_json
-from hycam.train.rundir import RunDirError
+from hycam.train.rundir import RunDirError, option_name
 
 STATE, TRAINED = "state.json", "trained.safetensors"
 
@@ -46,7 +47,7 @@ def masters(engine) -> list[torch.Tensor]:
 
 
 def write(directory: Path, engine, trained: dict[str, nn.Parameter], progress: dict, rank: int,
-          world: int) -> None:
+          world: int, run: dict) -> None:
     """Writes the resume state into the existing empty `directory` (every rank calls this)."""
     whole = gather_tensors(trained)  # a collective under ZeRO-3
     optimizer, tensors = base_optimizer(engine), {}
@@ -62,16 +63,18 @@ def write(directory: Path, engine, trained: dict[str, nn.Parameter], progress: d
         save_file(whole, directory / TRAINED, metadata={"format": "pt"})
     dist.barrier()  # state.json last: a directory with it is complete
     if rank == 0:
-        meta = {"progress": progress, "scheduler": engine.lr_scheduler.state_dict(), "world_size": world}
+        meta = {"progress": progress, "scheduler": engine.lr_scheduler.state_dict(), "world_size": world, "run": run}
         (directory / STATE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def read(directory: Path, engine, trained: dict[str, nn.Parameter], rank: int, world: int) -> dict:
-    """Loads the resume state of `directory` into the engine; returns the recorded progress."""
+def read(directory: Path, engine, trained: dict[str, nn.Parameter], rank: int, world: int, run: dict) -> dict:
+    """Loads the resume state of `directory` into the engine, if the run that saved it is `run`; returns the
+    recorded progress."""
     if not (directory / STATE).is_file():
         raise RunDirError(f"{directory} holds no {STATE}: not a resume state of this hycam (older ones held "
                           "DeepSpeed's pickled state, which is not loaded); start a new --output_dir")
     meta = _read_state(directory / STATE)
+    _check_run(directory / STATE, meta.get("run", run), run)  # states of hycam <= 0.2 record no run
     if meta.get("world_size") != world:
         raise RunDirError(f"{directory}: saved by {meta.get('world_size')} processes, resumed on {world}")
     _copy(trained, _load(directory / TRAINED), directory / TRAINED)
@@ -89,6 +92,15 @@ def read(directory: Path, engine, trained: dict[str, nn.Parameter], rank: int, w
     engine.lr_scheduler.load_state_dict(meta["scheduler"])
     engine.global_steps = meta["progress"]["step"]
     return meta["progress"]
+
+
+def _check_run(file: Path, saved: dict, run: dict) -> None:
+    """Refuses a state another run saved (copied in, or the folder reused), naming what differs."""
+    differ = [f"{option_name(name)} {saved[name]!r} (this run: {run[name]!r})" for name in run
+              if name in saved and saved[name] != run[name]]
+    if differ:
+        raise RunDirError(f"{file}: saved by another run: {', '.join(differ[:3])}; resume the run that saved it "
+                          "with its own options, or start this one in a new --output_dir")
 
 
 def _optimizer_file(rank: int) -> str:

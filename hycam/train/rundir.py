@@ -1,8 +1,10 @@
 """The run directory: owned by one run at a time, swapped in whole, and judged before a run starts.
 
-- ``claim``: rank 0 takes the directory's lock (an ``flock``, so a dead run holds none), finishes
-  any swap a crash interrupted, and decides whether the run continues from ``resume/``, starts
-  over a run that saved nothing, or is refused; every rank learns the answer.
+- ``claim``: rank 0 takes the directory's lock (``hycam.folders.lock``, so a dead run holds none),
+  finishes any swap a crash interrupted, and decides whether the run continues from ``resume/``,
+  starts over a run that saved nothing, or is refused; every rank learns the answer.
+- ``identity``: the options that make a run the run it is; a resume checks them against
+  ``run_config.json`` and against the resume state's own record.
 - ``staging`` / ``swap_in``: a checkpoint directory (``resume``, ``best``, ``last``) is written
   under ``.NAME.tmp``, renamed to ``.NAME.new`` once complete, then swapped for ``NAME``; at
   every point a crash leaves either the old or the new directory, which ``recover`` puts back.
@@ -11,10 +13,9 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
+import shlex
 import shutil
-import socket
 from dataclasses import asdict
 from pathlib import Path
 
@@ -22,7 +23,8 @@ import torch
 import torch.distributed as dist
 
 from hycam.checkpoint import read_json
-from hycam.files import BEST, LAST, LOCK, METRICS, RESUME, RUN_CONFIG, SUMMARY
+from hycam.files import BEST, LAST, METRICS, RESUME, RUN_CONFIG, SUMMARY
+from hycam.folders import FolderError, lock
 from hycam.train.config import TrainConfig
 from hycam.train.metrics import TENSORBOARD
 
@@ -40,12 +42,12 @@ class RunDirError(FileExistsError):
 def claim(cfg: TrainConfig, world: int, rank: int, log):
     """Holds --output_dir for this run for the block; yields True if the run continues from resume/.
     A collective call: rank 0 decides, every rank raises RunDirError or enters the block."""
-    lock, code, message = None, 0, ""
+    held, code, message = None, 0, ""
     if rank == 0:
         try:
-            lock = _lock(Path(cfg.output_dir))
+            held = lock(Path(cfg.output_dir))
             code = int(prepare(cfg, world, log))
-        except RunDirError as err:
+        except (RunDirError, FolderError) as err:
             code, message = -1, str(err)
     status = torch.tensor([code])
     dist.broadcast(status, 0)
@@ -54,25 +56,8 @@ def claim(cfg: TrainConfig, world: int, rank: int, log):
             raise RunDirError(message or f"rank 0 refused --output_dir {cfg.output_dir} (see its message)")
         yield bool(status.item())
     finally:
-        if lock is not None:
-            lock.close()
-
-
-def _lock(out: Path):
-    out.mkdir(parents=True, exist_ok=True)
-    file = (out / LOCK).open("a+")
-    try:
-        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        file.seek(0)
-        holder = file.read().strip() or "another process"
-        file.close()
-        raise RunDirError(f"--output_dir {out} is in use by another run ({holder}): wait for it to end, "
-                          "or choose another directory") from None
-    file.truncate(0)
-    file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    file.flush()
-    return file
+        if held is not None:
+            held.close()
 
 
 def prepare(cfg: TrainConfig, world: int, log) -> bool:
@@ -89,8 +74,12 @@ def prepare(cfg: TrainConfig, world: int, log) -> bool:
             raise RunDirError(f"--resume: the run in {out} has finished ({out / SUMMARY}); nothing to resume")
         if (out / RESUME).is_dir():
             return True
-        log(f"--resume: {out} has no resume state (the run stopped before its first evaluation): "
-            "starting it again from step 0")
+        why = (f"{BEST}/ holds trained weights only, no optimizer state" if (out / BEST).is_dir()
+               else "the run stopped before its first evaluation")
+        log(f"--resume: {out} has no resume state ({why}): starting the run again from step 0")
+    elif (out / SUMMARY).is_file():
+        raise RunDirError(f"--output_dir {out} holds a finished run ({out / SUMMARY}): evaluate it with "
+                          f"{evaluate_command(out / BEST)}, or choose another directory to train again")
     elif any((out / name).exists() for name in CHECKPOINTS):
         raise RunDirError(f"--output_dir {out} already holds a run with checkpoints: pass --resume true to "
                           "continue it, or choose another directory")
@@ -101,18 +90,33 @@ def prepare(cfg: TrainConfig, world: int, log) -> bool:
     return False
 
 
+def evaluate_command(checkpoint: Path) -> str:
+    """The hycam-eval command line for `checkpoint`, quoted for a shell (paths may hold spaces)."""
+    return f"hycam-eval --checkpoint {shlex.quote(str(checkpoint))}"
+
+
 def check_same_run(cfg: TrainConfig, world: int, recorded_file: Path) -> None:
     """Refuses a resume whose options differ from the recorded run's, naming the first that does."""
     try:
         recorded = read_json(recorded_file)
     except (OSError, ValueError) as err:
         raise RunDirError(f"--resume: cannot read the recorded run: {err}") from None  # err names the file
-    for name, value in {**asdict(cfg), "world_size": world}.items():
-        if name in MAY_CHANGE or name not in recorded or recorded[name] == value:
+    for name, value in identity(cfg, world).items():
+        if name not in recorded or recorded[name] == value:
             continue
-        what = "the number of processes" if name == "world_size" else f"--{name}"
-        raise RunDirError(f"--resume: {what} is {value!r}, but the run was started with {recorded[name]!r} "
-                          f"({recorded_file}): resume with the recorded value, or start a new --output_dir")
+        raise RunDirError(f"--resume: {option_name(name)} is {value!r}, but the run was started with "
+                          f"{recorded[name]!r} ({recorded_file}): resume with the recorded value, or start a new "
+                          "--output_dir")
+
+
+def identity(cfg: TrainConfig, world: int) -> dict:
+    """What makes a run the run it is: every option that changes what it computes, and its world size."""
+    return {name: value for name, value in {**asdict(cfg), "world_size": world}.items() if name not in MAY_CHANGE}
+
+
+def option_name(name: str) -> str:
+    """How a message names an entry of `identity`."""
+    return "the number of processes" if name == "world_size" else f"--{name}"
 
 
 def recover(out: Path) -> list[str]:
@@ -143,6 +147,11 @@ def staging(out: Path, name: str, rank: int) -> Path:
         tmp.mkdir()
     dist.barrier()
     return tmp
+
+
+def discard_staging(out: Path, name: str) -> None:
+    """Removes .NAME.tmp (a write into it failed)."""
+    _remove(out / f".{name}.tmp")
 
 
 def swap_in(out: Path, name: str, rank: int) -> None:

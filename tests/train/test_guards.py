@@ -36,7 +36,8 @@ def test_a_stale_build_lock_stops_main_py_naming_it(tiny_model_dir, tmp_path):
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        f"main.py: error: {lock}: a torch-extensions build lock 60 minutes old and no build running in {lock.parent}; "
+        f"main.py: error: {lock}: a torch-extensions build lock 60 minutes old that no process holds, and no build "
+        f"writing in {lock.parent}; "
         "a killed first-run build of a DeepSpeed op leaves it, and every run would wait on it forever: delete it "
         f"(rm {lock}) and start again"]
     assert not (tmp_path / "out").exists()

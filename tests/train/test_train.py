@@ -94,7 +94,7 @@ def test_a_malformed_task_file_stops_before_training_with_file_and_line(tiny_mod
 
 def test_an_existing_run_is_not_overwritten(tiny_model_dir, shared_data, tmp_path):
     run(tiny_model_dir, shared_data, tmp_path, "--max_steps", "1", "--eval_interval", "1")
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(FileExistsError, match="holds a finished run .* evaluate it with hycam-eval"):
         run(tiny_model_dir, shared_data, tmp_path, "--max_steps", "1")
 
 
