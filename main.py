@@ -9,9 +9,14 @@
 The loop itself is `hycam.train.loop` (`main(argv)` runs it in-process).
 """
 
+import logging
 import sys
 
-from hycam.train.loop import cli
+# peft imports bitsandbytes where it is installed, whose CPU backend logs on import that it could not fetch an
+# optional kernel from the hub: no concern of a training run, whose errors are one line on stderr.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+from hycam.train.loop import cli  # noqa: E402  (after the logger's level)
 
 if __name__ == "__main__":
     cli(sys.argv[1:])
