@@ -171,7 +171,8 @@ def _layer_indices(config: HyCAMConfig, num_layers: int) -> list[int]:
 
 def _inject_layer(layer: nn.Module, hidden: int, config: HyCAMConfig, adapter_name: str,
                   record: balance.ForwardRecord) -> None:
-    weight = next(layer.parameters())
+    # a floating weight (a norm's): quantized bases pack their linear weights into integers
+    weight = next(p for p in layer.parameters() if p.is_floating_point())
     cam = HyCAM(hidden, config, device=weight.device, dtype=weight.dtype).train(layer.training)
     setattr(layer.self_attn, MODULES, nn.ModuleDict({adapter_name: cam}))
     layer.self_attn.hycam_record = record

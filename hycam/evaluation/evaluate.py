@@ -25,6 +25,7 @@ import torch
 
 from hycam import files
 from hycam.data import DataError
+from hycam.data.models import QUANTIZATIONS
 from hycam.data.prompts import TEMPLATES
 from hycam.evaluation import tables
 from hycam.evaluation.loading import load_model_for, read_checkpoint
@@ -49,7 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "without it, --base-model is scored untrained")
     parser.add_argument("--tasks", nargs="+", default=None, help="your test data, scored whole: task files or "
                         "folders, saved datasets, hub:NAME (default: the run's, its test split)")
-    parser.add_argument("--base-model", default=None, help="base model dir, .gguf or name; default: the run's")
+    parser.add_argument("--base-model", default=None, help="base model dir, .gguf, name or hub id; default: the run's")
+    parser.add_argument("--revision", default=None, help="revision of a hub --base-model; default: the run's")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, default=None,
+                        help="load the base in bitsandbytes 4-bit or 8-bit; default: as the run did, else none")
     parser.add_argument("--output-dir", default=None, help="default: CHECKPOINT/eval-SPLIT, or eval-base-SPLIT")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=DTYPES, default="auto",
@@ -75,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     options = EvalOptions(**{k: v for k, v in vars(args).items() if k in EvalOptions.__dataclass_fields__})
     try:
         result, generations = run(args.checkpoint, args.base_model, args.tasks, options, args.device, args.dtype,
-                                  args.label)
+                                  args.label, args.revision, args.quantization)
     except (UsageError, DataError) as err:
         print(f"hycam-eval: error: {err}", file=sys.stderr)
         return 2
@@ -84,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(checkpoint: str | None, base_model: str | None, tasks: list[str] | None, options: EvalOptions,
-        device: str = "cpu", dtype: str = "auto", label: str | None = None) -> tuple[dict, list[dict]]:
+        device: str = "cpu", dtype: str = "auto", label: str | None = None, revision: str | None = None,
+        quantization: str | None = None) -> tuple[dict, list[dict]]:
     """The command's work: records chosen and described, the model loaded, everything scored; returns the
     result record (`hycam.evaluation.tables`' format, plus what produced it) and the generations."""
     if checkpoint is None and (base_model is None or not tasks):
@@ -98,7 +103,7 @@ def run(checkpoint: str | None, base_model: str | None, tasks: list[str] | None,
     account = scored(sources, by_task, options)
     announce(account, trained_on(sources, recorded) if tasks and options.split == "all" else [])
     torch_dtype = eval_dtype(dtype, device)
-    model, tokenizer = load_model_for(found, base_model, device, torch_dtype)
+    model, tokenizer = load_model_for(found, base_model, device, torch_dtype, revision, quantization)
     torch.manual_seed(options.seed if options.seed is not None else 0)  # only noisy routing (eval_noise) draws
     metrics, generations, records = score(model, tokenizer, by_task, options)
     # "seed" names the run (its init), "split_seed" the records: they differ in a paired study (--data_seed).
