@@ -9,9 +9,14 @@
 The loop itself is `hycam.train.loop` (`main(argv)` runs it in-process).
 """
 
+import logging
 import sys
 
-from hycam.train.loop import cli
+# bitsandbytes (imported by peft) warns on import on AVX512-BF16 CPUs that an optional kernel from the Hub did
+# not load; it falls back to its own, and this command's errors stay one line on stderr.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+from hycam.train.loop import cli  # noqa: E402
 
 if __name__ == "__main__":
     cli(sys.argv[1:])

@@ -113,7 +113,8 @@ def run(checkpoint: str | None, base_model: str | None, tasks: list[str] | None,
               "tasks": metrics, "average": average(metrics), "options": asdict(options), "records": records,
               "split_seed": options.seed, "scored": account, "dtype": str(torch_dtype).removeprefix("torch."),
               "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None,
-              "task_files": account["files"], "base_model": base_model or recorded.get("model")}
+              "task_files": account["files"], "base_model": base_model or recorded.get("model"),
+              "quantization": quantization or recorded.get("quantization", "none")}
     return result, generations
 
 
