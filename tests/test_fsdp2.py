@@ -111,9 +111,14 @@ def ranks(tmp_path_factory):
     # spawn, not fork: a fork would inherit any process group an earlier test left in this process.
     results = mp.get_context("spawn").SimpleQueue()
     workers = mp.start_processes(_worker, args=(port, tmp, results), nprocs=2, start_method="spawn", join=False)
-    reports = dict(results.get() for _ in range(2))  # before joining: a report is larger than a pipe holds
-    while not workers.join():
-        pass
+    reports = {}
+    while not workers.join(timeout=1):  # raises, ending the other rank, as soon as one rank fails
+        while not results.empty():  # read while they run: a report is larger than a pipe holds
+            rank, report = results.get()
+            reports[rank] = report
+    while not results.empty():
+        rank, report = results.get()
+        reports[rank] = report
     return tmp, as_torch(reports[0]), as_torch(reports[1])
 
 
