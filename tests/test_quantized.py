@@ -1,11 +1,14 @@
 """HyCAM on bitsandbytes 4-bit (NF4, double quantisation) and 8-bit bases (bitsandbytes' CPU backend): apply,
-train, save, load onto a fresh quantized base, the peft path, and main.py / hycam-eval with --quantization."""
+train, save, load onto a fresh quantized base, the peft path, main.py / hycam-eval with --quantization, and the
+benchmark of a 4-bit base against bf16."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import padded_batch
+from conftest import REPO, padded_batch
 
 import hycam
 from hycam.cam import HyCAM
@@ -100,3 +103,15 @@ def test_main_py_refuses_a_quantized_base_under_zero_3_in_one_line(tiny_model_di
                   "--quantization", "8bit", "--zero_stage", "3", "--max_records_per_task", "3"])
     assert stop.value.code == 2
     assert "--quantization 8bit needs ZeRO stage 0-2" in capsys.readouterr().err
+
+
+def test_the_quantized_benchmark_measures_both_bases_and_the_4bit_weights_are_smaller(tiny_model_dir, tmp_path):
+    command = [sys.executable, "scripts/benchmark_quantized.py", "--model", str(tiny_model_dir), "--threads", "1",
+               "--seq-len", "8", "--warmup", "0", "--repeats", "1", "--out", str(tmp_path)]
+    subprocess.run(command, cwd=REPO, check=True, capture_output=True)
+    result = json.loads((tmp_path / "benchmark_quantized.json").read_text())
+    assert sorted(result["bases"]) == ["4bit", "bf16"]
+    assert all(row["step_s"] > 0 and row["peak_mb"] > 0 for row in result["bases"].values())
+    # the linear layers' weights in 4 bits instead of 16; the embeddings, norms and HyCAM stay in bf16 (0.77 here)
+    assert result["ratios"]["weights_mb"] < 0.85
+    assert "| 4bit |" in (tmp_path / "benchmark_quantized.md").read_text()
