@@ -78,8 +78,9 @@ def _trained(checkpoint: Checkpoint, base_model: str | None, dtype: torch.dtype,
     model_name = base_model or checkpoint.method.get("model")
     if model_name is None:
         raise ValueError(f"{checkpoint.path}: the base model is not recorded; pass it explicitly")
-    gguf, revision = (checkpoint.method.get("gguf_file"), revision or checkpoint.method.get("revision")) \
-        if base_model is None else (None, revision)
+    recorded = base_model is None  # the run's own base: its GGUF file and revision too
+    gguf = checkpoint.method.get("gguf_file") if recorded else None
+    revision = revision or (checkpoint.method.get("revision") if recorded else None)
     quantization = quantization or checkpoint.method.get("quantization", "none")
     model, tokenizer = _base(model_name, gguf, dtype, revision, quantization)
     return methods.load_into(model, checkpoint.path, checkpoint.method), tokenizer
