@@ -24,7 +24,6 @@ Template = Literal[TEMPLATES]
 LossOn = Literal[LOSS_ON]
 Overflow = Literal[OVERFLOW]
 ZeroStage = Literal[0, 1, 2, 3]
-Quantization = Literal[QUANTIZATIONS]
 
 
 @dataclass
@@ -37,7 +36,7 @@ class TrainConfig(MethodOptions):
     """GGUF file name inside --model's directory, if the model is stored as GGUF."""
     revision: str | None = None
     """Branch, tag or commit of a hub --model; None: main."""
-    quantization: Quantization = "none"
+    quantization: Literal[QUANTIZATIONS] = "none"
     """The frozen base in bitsandbytes 4-bit (NF4, double quantisation) or 8-bit; its matmuls run in bf16/fp32."""
     data: list[str] = field(default_factory=lambda: ["../shared/data"])
     """Task files or folders (JSON lines {task, instruction, input, output}, or Alpaca JSON arrays), saved datasets
