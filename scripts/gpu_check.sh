@@ -8,4 +8,14 @@ set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's hycam, installed or not
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1        # nothing is downloaded
-exec python "$repo/scripts/gpu_check.py" "$@"
+status=0
+python "$repo/scripts/gpu_check.py" "$@" || status=$?
+
+# The 4-bit path, where bitsandbytes is installed (pip install -e '.[quant]'): HyCAM on an NF4 base of the same
+# shapes, against bf16 (scripts/gpu_check_quantized.py; writes gpu_check_quantized.json/.md beside the above).
+if python -c "import bitsandbytes" 2>/dev/null; then
+  python "$repo/scripts/gpu_check_quantized.py" "$@" || status=$?
+else
+  echo "gpu_check: bitsandbytes is not installed: the 4-bit path is skipped" >&2
+fi
+exit "$status"

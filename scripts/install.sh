@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs hycam with everything its training, evaluation and tests use.
+# Installs hycam with everything its training, evaluation and tests use (bitsandbytes for 4-/8-bit bases included).
 # TORCH_SPEC picks the torch build: the default is the CPU wheel this project is tested with;
 # on a GPU machine install the CUDA torch you want first and set TORCH_SPEC=torch.
 set -euo pipefail

@@ -28,8 +28,9 @@ from pathlib import Path
 import torch
 
 from hycam import files
-from hycam.folders import FolderError, lock
 from hycam.data import DataError, Record
+from hycam.data.models import QUANTIZATIONS
+from hycam.folders import FolderError, lock
 from hycam.data.prompts import TEMPLATES
 from hycam.evaluation import tables
 from hycam.evaluation.loading import Checkpoint, load_model_for, read_checkpoint
@@ -54,7 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "without it, --base-model is scored untrained")
     parser.add_argument("--tasks", nargs="+", default=None, help="your test data, scored whole: task files or "
                         "folders, saved datasets, hub:NAME (default: the run's, its test split)")
-    parser.add_argument("--base-model", default=None, help="base model dir, .gguf or name; default: the run's")
+    parser.add_argument("--base-model", default=None, help="base model dir, .gguf, name or hub id; default: the run's")
+    parser.add_argument("--revision", default=None, help="revision of a hub --base-model; default: the run's")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, default=None,
+                        help="load the base in bitsandbytes 4-bit or 8-bit; default: as the run did, else none")
     parser.add_argument("--output-dir", default=None, help="default: CHECKPOINT/eval-SPLIT, or eval-base-SPLIT")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=DTYPES, default="auto",
@@ -82,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         chosen = plan(args.checkpoint, args.base_model, args.tasks, options)
         out = Path(args.output_dir or default_output_dir(args.checkpoint, chosen.options.split))
         with output_folder(out):  # before scoring: a folder it cannot write fails fast
-            result, generations = execute(chosen, args.device, args.dtype, args.label)
+            result, generations = execute(chosen, args.device, args.dtype, args.label, args.revision,
+                                          args.quantization)
             report(result, generations, out)
     except (UsageError, DataError, FolderError) as err:
         print(f"hycam-eval: error: {err}", file=sys.stderr)
@@ -136,19 +141,21 @@ def plan(checkpoint: str | None, base_model: str | None, tasks: list[str] | None
 
 
 def run(checkpoint: str | None, base_model: str | None, tasks: list[str] | None, options: EvalOptions,
-        device: str = "cpu", dtype: str = "auto", label: str | None = None) -> tuple[dict, list[dict]]:
+        device: str = "cpu", dtype: str = "auto", label: str | None = None, revision: str | None = None,
+        quantization: str | None = None) -> tuple[dict, list[dict]]:
     """The command's work: records chosen and described, the model loaded, everything scored; returns the
     result record (`hycam.evaluation.tables`' format, plus what produced it) and the generations."""
-    return execute(plan(checkpoint, base_model, tasks, options), device, dtype, label)
+    return execute(plan(checkpoint, base_model, tasks, options), device, dtype, label, revision, quantization)
 
 
-def execute(chosen: Plan, device: str = "cpu", dtype: str = "auto",
-            label: str | None = None) -> tuple[dict, list[dict]]:
-    """Loads the model and scores the plan's records; returns the result record and the generations."""
+def execute(chosen: Plan, device: str = "cpu", dtype: str = "auto", label: str | None = None,
+            revision: str | None = None, quantization: str | None = None) -> tuple[dict, list[dict]]:
+    """Loads the model (`revision` and `quantization` of the base: default the run's) and scores the plan's
+    records; returns the result record and the generations."""
     found, options = chosen.checkpoint, chosen.options
     recorded = found.recorded if found else {}
     torch_dtype = eval_dtype(dtype, device)
-    model, tokenizer = load_model_for(found, chosen.base_model, device, torch_dtype)
+    model, tokenizer = load_model_for(found, chosen.base_model, device, torch_dtype, revision, quantization)
     torch.manual_seed(options.seed if options.seed is not None else 0)  # only noisy routing (eval_noise) draws
     metrics, generations, records = score(model, tokenizer, chosen.by_task, options)
     skipped = skipped_note(metrics, options, model)
@@ -162,7 +169,8 @@ def execute(chosen: Plan, device: str = "cpu", dtype: str = "auto",
               "split_seed": options.seed, "scored": chosen.account, "dtype": str(torch_dtype).removeprefix("torch."),
               "checkpoint": str(found.path.resolve()) if found else None,
               "task_files": chosen.account["files"], "base_model": chosen.base_model or recorded.get("model"),
-              "skipped": skipped}
+              "skipped": skipped,
+              "quantization": quantization or recorded.get("quantization", "none")}
     return result, generations
 
 

