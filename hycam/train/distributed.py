@@ -1,7 +1,9 @@
-"""The process group: every rank's start-up, and a plain `python main.py` made a group of one."""
+"""The process group: every rank's start-up (a plain `python main.py` made a group of one), ZeRO-3's
+sharded model construction, and what a lost rank looks like when a collective fails."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from datetime import timedelta
@@ -33,3 +35,37 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def sharded_construction(ds_config: dict):
+    """Under ZeRO-3 (`ds_config`'s stage), transformers' from_pretrained in the block builds the model inside
+    deepspeed.zero.Init: each rank allocates its partition only and rank 0 alone reads the weights. Without it
+    every rank would hold the whole model and DeepSpeed would move it whole onto each device first."""
+    if ds_config.get("zero_optimization", {}).get("stage") != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    # transformers keeps a weak reference only: the object must live while the model is built and prepared
+    alive = HfDeepSpeedConfig(ds_config)
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()  # later from_pretrained calls in this process build whole models again
+        del alive
+
+
+_LOST = ("connection reset", "connection closed", "connection refused", "broken pipe", "remote process exited",
+         "communicator was aborted", "network error")
+"""How gloo, NCCL and the store say that the other end of a connection is gone."""
+
+
+def lost_rank(err: RuntimeError) -> str | None:
+    """Why `err` means another rank (or node) is gone, as the run's message says it; None when it does not."""
+    text = str(err).lower()
+    if "timed out" in text or "timeout" in text:
+        return "another rank did not answer within --dist_timeout (it stopped or died)"
+    if any(words in text for words in _LOST):
+        return "lost the connection to another rank (its process or node stopped)"
+    return None

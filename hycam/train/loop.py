@@ -27,10 +27,10 @@ from hycam.data.models import load_model, load_tokenizer
 from hycam.files import BEST, LAST, RESUME, RUN_CONFIG, SUMMARY
 from hycam.train import checkpoints, rundir
 from hycam.train.config import ConfigError, TrainConfig, parse_args
-from hycam.train.distributed import init_distributed
-from hycam.train.guards import Interrupted, Interrupts, StaleBuildLock, check_build_locks, signal_name
+from hycam.train.distributed import init_distributed, lost_rank, sharded_construction
+from hycam.train.guards import Interrupted, Interrupts, StaleBuildLock, check_build_locks, say, signal_name
 from hycam.train.metrics import MetricsLog
-from hycam.train.optimization import adamw, cosine_schedule, deepspeed_config
+from hycam.train.optimization import adamw, cosine_schedule, deepspeed_config, numel, training_dtype
 from hycam.train.splits import prepare_splits
 from hycam.train.state import Progress, Run
 from hycam.train.validation import validation_loss
@@ -64,13 +64,14 @@ def setup(cfg: TrainConfig, rank: int, world: int, log: Callable[[str], None], i
     torch.manual_seed(cfg.seed)  # the same adapter initialisation on every rank
     tokenizer = load_tokenizer(cfg.model, cfg.gguf_file)
     splits = prepare_splits(cfg, tokenizer, log)
-    model, options = _model_with_method(cfg)
+    ds_config = deepspeed_config(cfg, world)
+    model, options = _model_with_method(cfg, ds_config)
     params = methods.trainable(model, cfg.method)
-    trainable = sum(p.numel() for p in params.values())
-    log(f"{cfg.method}: {trainable:,} trainable of {sum(p.numel() for p in model.parameters()):,} parameters")
+    trainable = sum(numel(p) for p in params.values())
+    log(f"{cfg.method}: {trainable:,} trainable of {sum(numel(p) for p in model.parameters()):,} parameters")
     total = _schedule_steps(cfg, splits["train"], world)
     optimizer = adamw(params, cfg)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, world),
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                       lr_scheduler=cosine_schedule(optimizer, cfg, total))
     engine.train()  # from_pretrained returns the model in eval mode: no routing noise, no dropout
     if rank == 0 and record:
@@ -87,14 +88,17 @@ def _schedule_steps(cfg: TrainConfig, examples: list[dict], world: int) -> int:
     return cfg.max_steps or max(1, cfg.epochs * batches // cfg.grad_accum)
 
 
-def _model_with_method(cfg: TrainConfig) -> tuple[torch.nn.Module, methods.MethodOptions]:
-    """The base model with --method added (and activation checkpointing if asked), and the method's knobs."""
-    model = load_model(cfg.model, cfg.gguf_file)
-    if cfg.gradient_checkpointing:
-        enable_checkpointing(model)
-        model.config.use_cache = False
-    options = methods.MethodOptions(**{f.name: getattr(cfg, f.name) for f in fields(methods.MethodOptions)})
-    model = methods.prepare(model, cfg.method, options)
+def _model_with_method(cfg: TrainConfig, ds_config: dict) -> tuple[torch.nn.Module, methods.MethodOptions]:
+    """The base model in the training dtype, with --method added (and activation checkpointing if asked), and
+    the method's knobs. Under ZeRO-3 the backbone is built partitioned (each rank holds its share only); the
+    method's modules, sized from model.config, are partitioned by deepspeed.initialize."""
+    with sharded_construction(ds_config):
+        model = load_model(cfg.model, cfg.gguf_file, dtype=training_dtype(ds_config))
+        if cfg.gradient_checkpointing:
+            enable_checkpointing(model)
+            model.config.use_cache = False
+        options = methods.MethodOptions(**{f.name: getattr(cfg, f.name) for f in fields(methods.MethodOptions)})
+        model = methods.prepare(model, cfg.method, options)  # peft asks transformers whether ZeRO-3 is on
     if hycam.is_applied(model):  # DeepSpeed's backward divides the loss by grad_accum; the balance term too
         hycam.set_gradient_accumulation(model, cfg.grad_accum)
     return model, options
@@ -224,20 +228,14 @@ def cli(argv: list[str]) -> None:
     try:
         main(argv)
     except (ConfigError, DataError, rundir.RunDirError, StaleBuildLock) as err:
-        _say(f"main.py: error: {err}")
+        say(f"main.py: error: {err}")
         sys.exit(2)
     except Interrupted as err:
-        _say(f"[hycam] {err}")
+        say(f"[hycam] {err}")
         sys.exit(128 + err.signum)
     except RuntimeError as err:
-        if "timed out" not in str(err).lower() and "timeout" not in str(err).lower():
+        why = lost_rank(err)
+        if why is None:
             raise
-        _say(f"[hycam] rank {os.environ.get('RANK', 0)}: another rank did not answer within --dist_timeout "
-             f"(it stopped or died); stopping. ({str(err).strip().splitlines()[0]})")
+        say(f"[hycam] rank {os.environ.get('RANK', 0)}: {why}; stopping. ({str(err).strip().splitlines()[0]})")
         sys.exit(1)
-
-
-def _say(message: str) -> None:
-    """Prints once per machine (local rank 0), to stderr."""
-    if os.environ.get("LOCAL_RANK", "0") == "0":
-        print(message, file=sys.stderr)
