@@ -4,7 +4,9 @@
   optimizer step and stop; a second one (or one before training started) stops at once. Python runs
   a signal handler only between bytecodes, so a rank blocked in a collective that another rank never
   joins would not see it before --dist_timeout: a watchdog thread, woken by the signal itself, ends
-  such a rank after `STUCK_SECONDS` in the same collective call.
+  such a rank after `STUCK_SECONDS` in the same collective call. Under a launcher (torchrun, deepspeed)
+  the same thread treats the launcher's death (kill -9, the OOM killer) as SIGTERM: a worker left
+  behind would otherwise go on training alone.
 - ``check_build_locks``: torch's C++-extension builder (which DeepSpeed uses for its ops) waits
   forever on a ``lock`` file a killed build left behind; a lock older than a few minutes with no
   build running stops the run naming the file instead.
@@ -13,6 +15,7 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import sys
 import threading
@@ -20,8 +23,10 @@ import time
 from pathlib import Path
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
-STUCK_SECONDS = 5.0
-"""How long a signalled rank may sit in one collective call before the watchdog ends it."""
+STUCK_SECONDS = 10.0
+"""How long a signalled rank may sit in one collective call before the watchdog ends it. From inside, a peer
+that is gone looks like one that is busy: a rank waiting this long at a barrier while rank 0 writes a big
+checkpoint exits too (rank 0 then stops at its next collective; the last complete checkpoint is kept)."""
 _COLLECTIVE_CODE = ("torch/distributed/", "deepspeed/comm/", "deepspeed/runtime/zero/")
 """Where a stack that waits for other ranks passes: torch's collectives, DeepSpeed's, ZeRO-3's gathers."""
 
@@ -42,9 +47,10 @@ class Interrupts:
     """Signal handlers for the block: `signum` is the first signal received once `armed`; a rank that
     a signal finds stuck in a collective exits (128 + signum) with one line."""
 
-    def __init__(self, stuck_seconds: float = STUCK_SECONDS) -> None:
+    def __init__(self, stuck_seconds: float = STUCK_SECONDS, launcher: int | None = None) -> None:
+        """`launcher`: the pid of the process that started this one and must outlive it (None: none)."""
         self.armed, self.signum, self._previous = False, 0, {}
-        self.stuck_seconds = stuck_seconds
+        self.stuck_seconds, self.launcher = stuck_seconds, launcher
         self._wakeup: tuple[int, int] | None = None
 
     def __enter__(self) -> "Interrupts":
@@ -76,14 +82,28 @@ class Interrupts:
         self.signum = signum
 
     def _watch(self, read: int, main: threading.Thread) -> None:
-        """Waits for a signal (the wakeup fd's byte), then for the main thread to leave a collective call."""
+        """Waits for a signal (the wakeup fd's byte), then for the main thread to leave a collective call;
+        meanwhile, once a second, for the launcher's death."""
         with os.fdopen(read, "rb", buffering=0) as wakeup:
-            while byte := wakeup.read(1):
+            while True:
+                if not select.select([wakeup], [], [], 1.0)[0]:
+                    self._signal_if_orphaned()
+                    continue
+                byte = wakeup.read(1)
+                if not byte:  # the block was left
+                    return
                 if byte[0] in SIGNALS:
-                    self._end_if_stuck(signal.Signals(byte[0]), main, wakeup)
+                    self._end_if_stuck(signal.Signals(byte[0]), main)
                     return
 
-    def _end_if_stuck(self, signum: signal.Signals, main: threading.Thread, wakeup) -> None:
+    def _signal_if_orphaned(self) -> None:
+        if self.launcher is not None and os.getppid() != self.launcher:
+            say(f"[hycam] rank {os.environ.get('RANK', 0)}: the launcher (pid {self.launcher}) is gone; "
+                "stopping as on SIGTERM")
+            self.launcher = None
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def _end_if_stuck(self, signum: signal.Signals, main: threading.Thread) -> None:
         """Exits once the main thread has sat `stuck_seconds` in one call of a collective; returns when the
         block is left."""
         since, last = time.monotonic(), None

@@ -40,9 +40,10 @@ def main(argv: list[str] | None = None) -> tuple[Progress, torch.nn.Module]:
     """Trains as `argv` says; returns where the run stopped and the trained model."""
     cfg = parse_args(argv)
     check_build_locks(cfg.stale_lock_minutes)
+    launcher = os.getppid() if "LOCAL_RANK" in os.environ else None  # torchrun's or deepspeed's worker
     rank, world = init_distributed(cfg.dist_timeout)
     log = (lambda msg: tqdm.write(f"[hycam] {msg}")) if rank == 0 else (lambda msg: None)
-    with Interrupts() as interrupts, rundir.claim(cfg, world, rank, log) as resuming:
+    with Interrupts(launcher=launcher) as interrupts, rundir.claim(cfg, world, rank, log) as resuming:
         run = setup(cfg, rank, world, log, interrupts, record=not resuming)
         progress = checkpoints.load_resume(run) if resuming else Progress()
         run.metrics = MetricsLog(run.out, enabled=rank == 0)
