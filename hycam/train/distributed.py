@@ -4,12 +4,15 @@ sharded model construction, and what a lost rank looks like when a collective fa
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import socket
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from hycam.train.optimization import zero_stage
 
 
 def init_distributed(timeout_seconds: float) -> tuple[int, int]:
@@ -37,12 +40,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def launcher_pid() -> int | None:
+    """The launcher that started this worker (torchrun sets LOCAL_WORLD_SIZE, deepspeed's LOCAL_SIZE; neither
+    is set by `init_distributed`'s group of one); None for a process started otherwise."""
+    launched = "LOCAL_WORLD_SIZE" in os.environ or "LOCAL_SIZE" in os.environ
+    return os.getppid() if launched else None
+
+
 @contextlib.contextmanager
 def sharded_construction(ds_config: dict):
     """Under ZeRO-3 (`ds_config`'s stage), transformers' from_pretrained in the block builds the model inside
     deepspeed.zero.Init: each rank allocates its partition only and rank 0 alone reads the weights. Without it
     every rank would hold the whole model and DeepSpeed would move it whole onto each device first."""
-    if ds_config.get("zero_optimization", {}).get("stage") != 3:
+    if zero_stage(ds_config) != 3:
         yield
         return
     from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_config
@@ -54,6 +64,17 @@ def sharded_construction(ds_config: dict):
     finally:
         unset_hf_deepspeed_config()  # later from_pretrained calls in this process build whole models again
         del alive
+
+
+def return_freed_host_memory() -> None:
+    """Fixes glibc's mmap threshold (128 KiB) so that freed large blocks go back to the system. Otherwise glibc
+    raises the threshold after the first large frees, and the whole parameters ZeRO-3 gathers and frees at every
+    layer stay in the heap: on a CPU run, the whole model again in each rank's memory. No-op off glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
 
 
 _LOST = ("connection reset", "connection closed", "connection refused", "broken pipe", "remote process exited",

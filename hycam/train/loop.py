@@ -27,10 +27,11 @@ from hycam.data.models import load_model, load_tokenizer
 from hycam.files import BEST, LAST, RESUME, RUN_CONFIG, SUMMARY
 from hycam.train import checkpoints, rundir
 from hycam.train.config import ConfigError, TrainConfig, parse_args
-from hycam.train.distributed import init_distributed, lost_rank, sharded_construction
+from hycam.train.distributed import (init_distributed, launcher_pid, lost_rank, return_freed_host_memory,
+                                     sharded_construction)
 from hycam.train.guards import Interrupted, Interrupts, StaleBuildLock, check_build_locks, say, signal_name
 from hycam.train.metrics import MetricsLog
-from hycam.train.optimization import adamw, cosine_schedule, deepspeed_config, numel, training_dtype
+from hycam.train.optimization import adamw, cosine_schedule, deepspeed_config, numel, training_dtype, zero_stage
 from hycam.train.splits import prepare_splits
 from hycam.train.state import Progress, Run
 from hycam.train.validation import validation_loss
@@ -40,10 +41,9 @@ def main(argv: list[str] | None = None) -> tuple[Progress, torch.nn.Module]:
     """Trains as `argv` says; returns where the run stopped and the trained model."""
     cfg = parse_args(argv)
     check_build_locks(cfg.stale_lock_minutes)
-    launcher = os.getppid() if "LOCAL_RANK" in os.environ else None  # torchrun's or deepspeed's worker
     rank, world = init_distributed(cfg.dist_timeout)
     log = (lambda msg: tqdm.write(f"[hycam] {msg}")) if rank == 0 else (lambda msg: None)
-    with Interrupts(launcher=launcher) as interrupts, rundir.claim(cfg, world, rank, log) as resuming:
+    with Interrupts(launcher=launcher_pid()) as interrupts, rundir.claim(cfg, world, rank, log) as resuming:
         run = setup(cfg, rank, world, log, interrupts, record=not resuming)
         progress = checkpoints.load_resume(run) if resuming else Progress()
         run.metrics = MetricsLog(run.out, enabled=rank == 0)
@@ -66,6 +66,8 @@ def setup(cfg: TrainConfig, rank: int, world: int, log: Callable[[str], None], i
     tokenizer = load_tokenizer(cfg.model, cfg.gguf_file)
     splits = prepare_splits(cfg, tokenizer, log)
     ds_config = deepspeed_config(cfg, world)
+    if zero_stage(ds_config) == 3 and not torch.cuda.is_available():
+        return_freed_host_memory()  # the gathered parameters live in host memory
     model, options = _model_with_method(cfg, ds_config)
     params = methods.trainable(model, cfg.method)
     trainable = sum(numel(p) for p in params.values())

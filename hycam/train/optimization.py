@@ -28,6 +28,11 @@ def numel(param: nn.Parameter) -> int:
     return getattr(param, "ds_numel", param.numel())
 
 
+def zero_stage(ds_config: dict) -> int:
+    """The ZeRO stage the engine runs (a --deepspeed_config file may set another than --zero_stage)."""
+    return ds_config.get("zero_optimization", {}).get("stage", 0)
+
+
 def training_dtype(ds_config: dict) -> torch.dtype:
     """The dtype the engine trains in: bf16 when its config enables it, else float32."""
     return torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
