@@ -25,17 +25,23 @@ the first k of them; "-" keeps an argument's default):
 
 Launcher options:
   --gpus N             processes (GPUs) per node (default: all visible GPUs, 1 without any)
-  --hostfile FILE      DeepSpeed hostfile ("host slots=N" lines) for multi-node runs
-  --num_nodes N        nodes to use from the hostfile
-  --master_addr ADDR   address of the first node (multi-node)
-  --master_port PORT   rendezvous port (default 29500)
-  --launcher NAME      deepspeed (default with GPUs) or torchrun (default without)
+  --num_nodes N        nodes of the job (torchrun: every node runs this script; deepspeed: from the hostfile)
+  --node_rank R        this node's index, 0..N-1, for torchrun (node 0 is --master_addr)
+  --master_addr ADDR   address of node 0 (multi-node)
+  --master_port PORT   rendezvous port on node 0 (default 29500)
+  --hostfile FILE      DeepSpeed hostfile ("host slots=N" lines): the deepspeed launcher starts every node over ssh
+  --launcher NAME      deepspeed (default with GPUs) or torchrun (default without GPUs or with --node_rank)
   --config FILE        YAML options for main.py (default configs/paper/qwen2.5-0.5b.yaml)
   --output_dir DIR     run directory (default runs/<model>_<method>_<date>)
   --dry_run            print the command instead of running it
   -h, --help           this text
 Everything after "--" goes to main.py unchanged (python main.py --help lists it), e.g.
   bash run_model_base.sh 1200 Qwen2.5-0.5B 2 2 2 4 3 2e-5 5 64 2e-5 0.05 0.03 -- --method lora
+Two nodes with torchrun, the same command on each but its --node_rank (and a shared --output_dir):
+  bash run_model_base.sh ... --num_nodes 2 --node_rank 0 --master_addr 10.0.0.1   # on 10.0.0.1
+  bash run_model_base.sh ... --num_nodes 2 --node_rank 1 --master_addr 10.0.0.1   # on the other node
+A node that is lost ends the others within main.py's --dist_timeout; a signal to this script (it becomes
+the launcher) reaches the node's workers.
 EOF
 }
 
@@ -44,11 +50,15 @@ names=(max_length model zero_stage micro_batch_size grad_accum eval_batch_size e
        authors_lr weight_decay warmup_ratio)
 positional=() main_args=() launcher_args=()
 gpus="" launcher="" config="configs/paper/qwen2.5-0.5b.yaml" output_dir="" dry_run=0 port=29500
+nodes="" node_rank="" master_addr="" hostfile=""
 while [ $# -gt 0 ]; do
   case "$1" in
     -h|--help) usage; exit 0 ;;
     --gpus) gpus="$2"; shift 2 ;;
-    --hostfile|--num_nodes|--master_addr) launcher_args+=("$1" "$2"); shift 2 ;;
+    --num_nodes) nodes="$2"; shift 2 ;;
+    --node_rank) node_rank="$2"; shift 2 ;;
+    --master_addr) master_addr="$2"; shift 2 ;;
+    --hostfile) hostfile="$2"; shift 2 ;;
     --master_port) port="$2"; shift 2 ;;
     --launcher) launcher="$2"; shift 2 ;;
     --config) config="$2"; shift 2 ;;
@@ -87,13 +97,26 @@ options+=(--output_dir "$output_dir" "${main_args[@]}")
 visible=0
 command -v nvidia-smi >/dev/null 2>&1 && visible=$(nvidia-smi -L 2>/dev/null | wc -l)
 gpus="${gpus:-$([ "$visible" -gt 0 ] && echo "$visible" || echo 1)}"
-launcher="${launcher:-$([ "$visible" -gt 0 ] && echo deepspeed || echo torchrun)}"
+launcher="${launcher:-$([ "$visible" -gt 0 ] && [ -z "$node_rank" ] && echo deepspeed || echo torchrun)}"
+refuse() { echo "run_model_base.sh: $*" >&2; exit 2; }
 case "$launcher" in
-  deepspeed) command=(deepspeed --num_gpus "$gpus" --master_port "$port" "${launcher_args[@]}" main.py) ;;
+  deepspeed)
+    [ -z "$node_rank" ] || refuse "--node_rank needs --launcher torchrun (deepspeed starts every node itself)"
+    command=(deepspeed --num_gpus "$gpus" --master_port "$port")
+    [ -z "$hostfile" ] || command+=(--hostfile "$hostfile")
+    [ -z "$nodes" ] || command+=(--num_nodes "$nodes")
+    [ -z "$master_addr" ] || command+=(--master_addr "$master_addr")
+    command+=(main.py) ;;
   torchrun)
-    [ ${#launcher_args[@]} -eq 0 ] || { echo "run_model_base.sh: --hostfile/--num_nodes need --launcher deepspeed" >&2; exit 2; }
-    command=(python -m torch.distributed.run --nproc_per_node "$gpus" --master_port "$port" main.py) ;;
-  *) echo "run_model_base.sh: --launcher must be deepspeed or torchrun, not $launcher" >&2; exit 2 ;;
+    [ -z "$hostfile" ] || refuse "--hostfile needs --launcher deepspeed; torchrun takes --num_nodes and --node_rank"
+    command=(python -m torch.distributed.run --nproc_per_node "$gpus" --master_port "$port")
+    if [ "${nodes:-1}" != 1 ]; then
+      [ -n "$node_rank" ] && [ -n "$master_addr" ] || refuse "--num_nodes $nodes with torchrun needs --node_rank" \
+        "(this node's index) and --master_addr (node 0's address)"
+      command+=(--nnodes "$nodes" --node_rank "$node_rank" --master_addr "$master_addr")
+    fi
+    command+=(main.py) ;;
+  *) refuse "--launcher must be deepspeed or torchrun, not $launcher" ;;
 esac
 command+=("${options[@]}")
 
@@ -104,4 +127,6 @@ fi
 mkdir -p "$output_dir"
 # append: main.py may refuse the directory (another run's), whose log must survive that
 echo "run_model_base.sh $(date -u +%FT%TZ): ${command[*]}" | tee -a "$output_dir/launch.log"
-"${command[@]}" 2>&1 | tee -a "$output_dir/launch.log"
+# exec: this script's process becomes the launcher, so a signal sent to it (a scheduler stopping the job,
+# kill <pid>) reaches the launcher, which passes it to its workers instead of leaving them training
+exec "${command[@]}" > >(tee -a "$output_dir/launch.log") 2>&1

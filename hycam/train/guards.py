@@ -2,7 +2,12 @@
 
 - ``leave_group``: the process group is left at exit before the C++ teardown could abort it.
 - ``Interrupts``: the first SIGINT/SIGTERM asks the loop to save its resume state at the next
-  optimizer step and stop; a second one (or one before training started) stops at once.
+  optimizer step and stop; a second one (or one before training started) stops at once. Python runs
+  a signal handler only between bytecodes, so a rank blocked in a collective that another rank never
+  joins would not see it before --dist_timeout: a watchdog thread, woken by the signal itself, ends
+  such a rank after `STUCK_SECONDS` in the same collective call. Under a launcher (torchrun, deepspeed)
+  the same thread treats the launcher's death (kill -9, the OOM killer) as SIGTERM: a worker left
+  behind would otherwise go on training alone.
 - ``check_build_locks``: torch's C++-extension builder (which DeepSpeed uses for its ops) waits
   forever on a ``lock`` file a killed build left behind. The builder keeps the lock open while it
   builds (torch's ``FileBaton``), so a lock that no process holds is a dead build's, whatever its
@@ -14,8 +19,10 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +30,12 @@ from pathlib import Path
 import torch.distributed as dist
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STUCK_SECONDS = 10.0
+"""How long a signalled rank may sit in one collective call before the watchdog ends it. From inside, a peer
+that is gone looks like one that is busy: a rank waiting this long at a barrier while rank 0 writes a big
+checkpoint exits too (rank 0 then stops at its next collective; the last complete checkpoint is kept)."""
+_COLLECTIVE_CODE = ("torch/distributed/", "deepspeed/comm/", "deepspeed/runtime/zero/")
+"""Where a stack that waits for other ranks passes: torch's collectives, DeepSpeed's, ZeRO-3's gathers."""
 
 
 class Interrupted(Exception):
@@ -38,19 +51,33 @@ class StaleBuildLock(RuntimeError):
 
 
 class Interrupts:
-    """Signal handlers for the block: `signum` is the first signal received once `armed`."""
+    """Signal handlers for the block: `signum` is the first signal received once `armed`; a rank that
+    a signal finds stuck in a collective exits (128 + signum) with one line."""
 
-    def __init__(self) -> None:
+    def __init__(self, stuck_seconds: float = STUCK_SECONDS, launcher: int | None = None) -> None:
+        """`launcher`: the pid of the process that started this one and must outlive it (None: none)."""
         self.armed, self.signum, self._previous = False, 0, {}
+        self.stuck_seconds, self.launcher = stuck_seconds, launcher
+        self._wakeup: tuple[int, int] | None = None
 
     def __enter__(self) -> "Interrupts":
         for sig in SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
+        read, write = os.pipe()
+        os.set_blocking(write, False)  # the C-level handler must never block
+        self._wakeup = (write, signal.set_wakeup_fd(write, warn_on_full_buffer=False))
+        watchdog = threading.Thread(target=self._watch, args=(read, threading.main_thread()), daemon=True,
+                                    name="hycam-signal-watchdog")
+        watchdog.start()
         return self
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        write, previous = self._wakeup
+        signal.set_wakeup_fd(previous)
+        os.close(write)  # the watchdog reads end-of-file and returns
+        self._wakeup = None
 
     def _handle(self, signum: int, frame) -> None:
         name = signal.Signals(signum).name
@@ -60,6 +87,59 @@ class Interrupts:
             raise Interrupted(signum, f"stopped by a second signal ({name}) without saving: the last "
                                       "complete resume state is kept")
         self.signum = signum
+
+    def _watch(self, read: int, main: threading.Thread) -> None:
+        """Waits for a signal (the wakeup fd's byte), then for the main thread to leave a collective call;
+        meanwhile, once a second, for the launcher's death."""
+        with os.fdopen(read, "rb", buffering=0) as wakeup:
+            while True:
+                if not select.select([wakeup], [], [], 1.0)[0]:
+                    self._signal_if_orphaned()
+                    continue
+                byte = wakeup.read(1)
+                if not byte:  # the block was left
+                    return
+                if byte[0] in SIGNALS:
+                    self._end_if_stuck(signal.Signals(byte[0]), main)
+                    return
+
+    def _signal_if_orphaned(self) -> None:
+        if self.launcher is not None and os.getppid() != self.launcher:
+            say(f"[hycam] rank {os.environ.get('RANK', 0)}: the launcher (pid {self.launcher}) is gone; "
+                "stopping as on SIGTERM")
+            self.launcher = None
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def _end_if_stuck(self, signum: signal.Signals, main: threading.Thread) -> None:
+        """Exits once the main thread has sat `stuck_seconds` in one call of a collective; returns when the
+        block is left."""
+        since, last = time.monotonic(), None
+        while self._wakeup is not None and main.is_alive():
+            frame = sys._current_frames().get(main.ident)
+            place = (frame, frame.f_lasti) if frame is not None else None
+            if place != last:
+                since, last = time.monotonic(), place
+            elif time.monotonic() - since >= self.stuck_seconds and _in_collective(frame):
+                say(f"[hycam] rank {os.environ.get('RANK', 0)}: stopped by {signum.name} while waiting "
+                    f"{self.stuck_seconds:.0f} s in a collective for another rank (stopped, dead or not signalled); "
+                    "exiting without saving: the last complete resume state is kept")
+                os._exit(128 + signum)
+            time.sleep(0.2)
+
+
+def _in_collective(frame) -> bool:
+    """The stack of `frame` passes through code that waits for other ranks."""
+    while frame is not None:
+        if any(part in frame.f_code.co_filename.replace(os.sep, "/") for part in _COLLECTIVE_CODE):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def say(message: str) -> None:
+    """Prints once per machine (local rank 0), to stderr."""
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print(message, file=sys.stderr, flush=True)
 
 
 def signal_name(signum: int) -> str:

@@ -28,11 +28,12 @@ from hycam.data.models import load_model, load_tokenizer
 from hycam.files import BEST, LAST, RESUME, RUN_CONFIG, SUMMARY
 from hycam.train import checkpoints, rundir
 from hycam.train.config import ConfigError, TrainConfig, parse_args
-from hycam.train.distributed import init_distributed
-from hycam.train.guards import (Interrupted, Interrupts, StaleBuildLock, check_build_locks, leave_group,
+from hycam.train.distributed import (init_distributed, launcher_pid, lost_rank, return_freed_host_memory,
+                                     sharded_construction)
+from hycam.train.guards import (Interrupted, Interrupts, StaleBuildLock, check_build_locks, leave_group, say,
                                 signal_name)
 from hycam.train.metrics import MetricsLog
-from hycam.train.optimization import adamw, cosine_schedule, deepspeed_config
+from hycam.train.optimization import adamw, cosine_schedule, deepspeed_config, numel, training_dtype, zero_stage
 from hycam.train.splits import prepare_splits
 from hycam.train.state import Progress, Run
 from hycam.train.validation import validation_loss
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> tuple[Progress, torch.nn.Module]:
     check_build_locks(cfg.stale_lock_minutes)
     rank, world = init_distributed(cfg.dist_timeout)
     log = (lambda msg: tqdm.write(f"[hycam] {msg}")) if rank == 0 else (lambda msg: None)
-    with Interrupts() as interrupts, rundir.claim(cfg, world, rank, log) as resuming:
+    with Interrupts(launcher=launcher_pid()) as interrupts, rundir.claim(cfg, world, rank, log) as resuming:
         run = setup(cfg, rank, world, log, interrupts, record=not resuming)
         progress = checkpoints.load_resume(run) if resuming else Progress()
         run.metrics = MetricsLog(run.out, enabled=rank == 0)
@@ -66,14 +67,17 @@ def setup(cfg: TrainConfig, rank: int, world: int, log: Callable[[str], None], i
     torch.manual_seed(cfg.seed)  # the same adapter initialisation on every rank
     tokenizer = load_tokenizer(cfg.model, cfg.gguf_file, cfg.revision)
     splits = prepare_splits(cfg, tokenizer, log)
-    model, options = _model_with_method(cfg)
+    ds_config = deepspeed_config(cfg, world)
+    if zero_stage(ds_config) == 3 and not torch.cuda.is_available():
+        return_freed_host_memory()  # the gathered parameters live in host memory
+    model, options = _model_with_method(cfg, ds_config)
     params = methods.trainable(model, cfg.method)
-    trainable = sum(p.numel() for p in params.values())
-    log(f"{cfg.method}: {trainable:,} trainable of {sum(p.numel() for p in model.parameters()):,} parameters")
+    trainable = sum(numel(p) for p in params.values())
+    log(f"{cfg.method}: {trainable:,} trainable of {sum(numel(p) for p in model.parameters()):,} parameters")
     checkpoints.check_space(Path(cfg.output_dir), trainable)  # before training, not at its first save
     total = _schedule_steps(cfg, splits["train"], world)
     optimizer = adamw(params, cfg)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, world),
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                       lr_scheduler=cosine_schedule(optimizer, cfg, total))
     engine.train()  # from_pretrained returns the model in eval mode: no routing noise, no dropout
     if rank == 0 and record:
@@ -91,21 +95,21 @@ def _schedule_steps(cfg: TrainConfig, examples: list[dict], world: int) -> int:
     return cfg.max_steps or max(1, cfg.epochs * batches // cfg.grad_accum)
 
 
-def _model_with_method(cfg: TrainConfig) -> tuple[torch.nn.Module, methods.MethodOptions]:
-    """The base model with --method added (and activation checkpointing if asked), and the method's knobs."""
-    engine = deepspeed_config(cfg, 1)
-    if cfg.quantization != "none" and engine["zero_optimization"].get("stage") == 3:
+def _model_with_method(cfg: TrainConfig, ds_config: dict) -> tuple[torch.nn.Module, methods.MethodOptions]:
+    """The base model in the training dtype, with --method added (and activation checkpointing if asked), and
+    the method's knobs. Under ZeRO-3 the backbone is built partitioned (each rank holds its share only); the
+    method's modules, sized from model.config, are partitioned by deepspeed.initialize. A quantized base
+    computes in the training dtype."""
+    if cfg.quantization != "none" and zero_stage(ds_config) == 3:
         raise ConfigError("quantization", f"{cfg.quantization} needs ZeRO stage 0-2: ZeRO-3 would partition the "
                           "packed weights (2 ranks hang); use --zero_stage 2 and no ZeRO-3 --deepspeed_config")
-    # a quantized base computes in the engine's precision; an unquantized one is cast by the engine itself
-    bf16 = cfg.quantization != "none" and engine["bf16"]["enabled"]
-    model = load_model(cfg.model, cfg.gguf_file, torch.bfloat16 if bf16 else torch.float32, cfg.revision,
-                       cfg.quantization)
-    if cfg.gradient_checkpointing:
-        enable_checkpointing(model)
-        model.config.use_cache = False
-    options = methods.MethodOptions(**{f.name: getattr(cfg, f.name) for f in fields(methods.MethodOptions)})
-    model = methods.prepare(model, cfg.method, options)
+    with sharded_construction(ds_config):
+        model = load_model(cfg.model, cfg.gguf_file, training_dtype(ds_config), cfg.revision, cfg.quantization)
+        if cfg.gradient_checkpointing:
+            enable_checkpointing(model)
+            model.config.use_cache = False
+        options = methods.MethodOptions(**{f.name: getattr(cfg, f.name) for f in fields(methods.MethodOptions)})
+        model = methods.prepare(model, cfg.method, options)  # peft asks transformers whether ZeRO-3 is on
     if hycam.is_applied(model):  # DeepSpeed's backward divides the loss by grad_accum; the balance term too
         hycam.set_gradient_accumulation(model, cfg.grad_accum)
     return model, options
@@ -237,20 +241,14 @@ def cli(argv: list[str]) -> None:
     try:
         main(argv)
     except (ConfigError, DataError, rundir.RunDirError, StaleBuildLock) as err:
-        _say(f"main.py: error: {err}")
+        say(f"main.py: error: {err}")
         sys.exit(2)
     except Interrupted as err:
-        _say(f"[hycam] {err}")
+        say(f"[hycam] {err}")
         sys.exit(128 + err.signum)
     except RuntimeError as err:
-        if "timed out" not in str(err).lower() and "timeout" not in str(err).lower():
+        why = lost_rank(err)
+        if why is None:
             raise
-        _say(f"[hycam] rank {os.environ.get('RANK', 0)}: another rank did not answer within --dist_timeout "
-             f"(it stopped or died); stopping. ({str(err).strip().splitlines()[0]})")
+        say(f"[hycam] rank {os.environ.get('RANK', 0)}: {why}; stopping. ({str(err).strip().splitlines()[0]})")
         sys.exit(1)
-
-
-def _say(message: str) -> None:
-    """Prints once per machine (local rank 0), to stderr."""
-    if os.environ.get("LOCAL_RANK", "0") == "0":
-        print(message, file=sys.stderr)

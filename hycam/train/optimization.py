@@ -14,9 +14,28 @@ from hycam.train.config import TrainConfig
 
 def adamw(params: dict[str, nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW at --lr; --weight_decay on matrices only, never on biases, norms or other vectors."""
-    groups = [{"params": [p for p in params.values() if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params.values() if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [{"params": [p for p in params.values() if _is_matrix(p)], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params.values() if not _is_matrix(p)], "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
+
+
+def _is_matrix(param: nn.Parameter) -> bool:
+    return len(getattr(param, "ds_shape", param.shape)) >= 2  # a ZeRO-3 partition is flat: its whole shape
+
+
+def numel(param: nn.Parameter) -> int:
+    """Elements of `param`, whole: a ZeRO-3 partitioned parameter holds an empty tensor in their place."""
+    return getattr(param, "ds_numel", param.numel())
+
+
+def zero_stage(ds_config: dict) -> int:
+    """The ZeRO stage the engine runs (a --deepspeed_config file may set another than --zero_stage)."""
+    return ds_config.get("zero_optimization", {}).get("stage", 0)
+
+
+def training_dtype(ds_config: dict) -> torch.dtype:
+    """The dtype the engine trains in: bf16 when its config enables it, else float32."""
+    return torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total: int):

@@ -1,6 +1,14 @@
-"""The validation loss: token-level task loss over every rank's share of the validation split."""
+"""The validation loss: token-level task loss over every rank's share of the validation split.
+
+Every rank runs the same number of forward passes of the same batch size: under ZeRO-3 each forward
+gathers parameters from all ranks, so a rank with one batch more would wait forever for the others
+(already in the final all_reduce). A rank whose share is short fills it with copies of a record that
+count for nothing.
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
@@ -17,17 +25,26 @@ def validation_loss(engine, examples: list[dict], batch_size: int, pad_id: int, 
     model.eval()
     tasks = sorted({e["task"] for e in examples})
     sums = torch.zeros(len(tasks), 2, dtype=torch.float64)  # (task, [nll, tokens])
-    mine = examples[rank::world]
+    mine, real = rank_share(examples, rank, world)
     for start in range(0, len(mine), batch_size):
         batch = collate(mine[start : start + batch_size], pad_id)
         names = batch.pop("task")
         nll, tokens = _summed_nll(model, {k: v.to(engine.device) for k, v in batch.items()})
-        for name, value, count in zip(names, nll, tokens):
-            sums[tasks.index(name)] += torch.tensor([value, count], dtype=torch.float64)
+        for index, (name, value, count) in enumerate(zip(names, nll, tokens), start):
+            if index < real:
+                sums[tasks.index(name)] += torch.tensor([value, count], dtype=torch.float64)
     dist.all_reduce(sums)
     model.train(was_training)
     per_task = {t: (s[0] / s[1].clamp_min(1)).item() for t, s in zip(tasks, sums)}
     return {"loss": (sums[:, 0].sum() / sums[:, 1].sum().clamp_min(1)).item(), "tasks": per_task}
+
+
+def rank_share(examples: list[dict], rank: int, world: int) -> tuple[list[dict], int]:
+    """(this rank's records, how many of them are real): every rank gets ceil(n / world) records, the
+    real ones `examples[rank::world]` first, then copies of the first record (padding, not counted)."""
+    mine = examples[rank::world]
+    size = math.ceil(len(examples) / world)
+    return mine + examples[:1] * (size - len(mine)), len(mine)
 
 
 def _summed_nll(model, batch: dict[str, torch.Tensor]) -> tuple[list[float], list[int]]:
