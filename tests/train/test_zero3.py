@@ -83,3 +83,14 @@ def test_two_zero3_ranks_validate_five_records_like_one_rank(tiny_model_dir, fiv
         rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         losses[name] = [row["loss"] for row in rows if row["split"] == "validation"]
     assert len(losses["two"]) == 1 and losses["two"] == pytest.approx(losses["one"], rel=1e-5)
+
+
+def test_no_parameter_stays_gathered_after_a_validation(tiny_model_dir, shared_data, tmp_path, partitioned):
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    # DeepSpeed's default reuse distance keeps what a forward gathered for the backward, which a validation
+    # forward never runs: without a release the whole model would stay gathered on every rank
+    _, model = loop.main(["--model", str(tiny_model_dir), "--data", str(shared_data), "--output_dir",
+                          str(tmp_path / "run"), *FAST, *ONE_STEP_AT_LR_0, "--zero_stage", "3", "--deepspeed_config",
+                          str(partitioned)])
+    assert {p.ds_status for p in model.parameters()} == {ZeroParamStatus.NOT_AVAILABLE}
