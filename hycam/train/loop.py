@@ -67,6 +67,7 @@ def setup(cfg: TrainConfig, rank: int, world: int, log: Callable[[str], None], i
     torch.manual_seed(cfg.seed)  # the same adapter initialisation on every rank
     tokenizer = load_tokenizer(cfg.model, cfg.gguf_file, cfg.revision)
     splits = prepare_splits(cfg, tokenizer, log)
+    total = _schedule_steps(cfg, splits["train"], world)  # before the model: a split too small fails at once
     ds_config = deepspeed_config(cfg, world)
     if zero_stage(ds_config) == 3 and not torch.cuda.is_available():
         return_freed_host_memory()  # the gathered parameters live in host memory
@@ -75,7 +76,6 @@ def setup(cfg: TrainConfig, rank: int, world: int, log: Callable[[str], None], i
     trainable = sum(numel(p) for p in params.values())
     log(f"{cfg.method}: {trainable:,} trainable of {sum(numel(p) for p in model.parameters()):,} parameters")
     checkpoints.check_space(Path(cfg.output_dir), trainable)  # before training, not at its first save
-    total = _schedule_steps(cfg, splits["train"], world)
     optimizer = adamw(params, cfg)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                       lr_scheduler=cosine_schedule(optimizer, cfg, total))
@@ -90,8 +90,13 @@ def setup(cfg: TrainConfig, rank: int, world: int, log: Callable[[str], None], i
 
 
 def _schedule_steps(cfg: TrainConfig, examples: list[dict], world: int) -> int:
-    """Optimizer steps of the schedule: --max_steps, else --epochs passes over the training split."""
+    """Optimizer steps of the schedule: --max_steps, else --epochs passes over the training split. A split with
+    no whole batch for every rank is a ConfigError (`fit` would look for a batch for ever)."""
     batches = len(multitask_batches(examples, cfg.micro_batch_size * world, cfg.split_seed, 0, drop_last=world > 1))
+    if not batches:
+        raise ConfigError("micro_batch_size", f"the training split has {len(examples)} records, fewer than one batch "
+                          f"of --micro_batch_size {cfg.micro_batch_size} x {world} ranks = "
+                          f"{cfg.micro_batch_size * world}; lower --micro_batch_size or give it more records")
     return cfg.max_steps or max(1, cfg.epochs * batches // cfg.grad_accum)
 
 

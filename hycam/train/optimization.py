@@ -66,10 +66,22 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
     return config
 
 
+HOST_ZERO3 = {"stage3_max_reuse_distance": 0, "stage3_prefetch_bucket_size": 0, "reduce_bucket_size": 5_000_000,
+              "sub_group_size": 10_000_000}
+"""ZeRO-3 settings of a run without a GPU, where every gathered parameter and buffer is host memory (measured in
+docs/PERFORMANCE.md). DeepSpeed's defaults are sized for a GPU: a reuse distance of 1e9 parameters keeps every
+parameter gathered in the forward whole until the backward (the whole model on each rank), a prefetch gathers
+the next modules early (and leaves them in flight after a validation forward), the gradient bucket (5e8) holds
+every trainable gradient whole before the reduce, and one optimizer sub-group makes the step's temporaries as
+large as the rank's whole partition."""
+
+
 def _zero(cfg: TrainConfig) -> dict:
     zero = {"stage": cfg.zero_stage}
     if cfg.offload and cfg.zero_stage > 0:
         zero["offload_optimizer"] = {"device": "cpu"}
         if cfg.zero_stage == 3:
             zero["offload_param"] = {"device": "cpu"}
+    if cfg.zero_stage == 3 and not torch.cuda.is_available():
+        zero.update(HOST_ZERO3)
     return zero

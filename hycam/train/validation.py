@@ -34,6 +34,10 @@ def validation_loss(engine, examples: list[dict], batch_size: int, pad_id: int, 
             if index < real:
                 sums[tasks.index(name)] += torch.tensor([value, count], dtype=torch.float64)
     dist.all_reduce(sums)
+    # Under ZeRO-3 a forward without its backward leaves parameters gathered (kept for a reuse that never
+    # comes) or still in flight (prefetched), where the checkpoint's gather after this cannot partition
+    # them; release them all. A no-op below stage 3.
+    engine.empty_partition_cache()
     model.train(was_training)
     per_task = {t: (s[0] / s[1].clamp_min(1)).item() for t, s in zip(tasks, sums)}
     return {"loss": (sums[:, 0].sum() / sums[:, 1].sum().clamp_min(1)).item(), "tasks": per_task}

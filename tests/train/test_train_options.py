@@ -7,10 +7,13 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, SHARED_DATA
 
 from hycam.train import loop
 from hycam.train.config import CHOICES, TrainConfig, parse_args
+from test_guards import free_port
+from test_runs import own_process_env
+from test_train import FAST
 
 
 def error_of(argv, capsys) -> str:
@@ -82,6 +85,17 @@ def test_a_malformed_task_file_is_one_line_naming_file_and_line(tiny_model_dir, 
     line = error_of(["--model", str(tiny_model_dir), "--data", str(bad), "--output_dir", str(tmp_path / "out")],
                     capsys)
     assert line.startswith("main.py: error: ") and str(bad) in line and ("line 2" in line or f"{bad}:2" in line)
+
+
+def test_a_training_split_smaller_than_one_batch_of_every_rank_stops_with_the_numbers(tiny_model_dir, tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), str(REPO / "main.py"), "--model", str(tiny_model_dir), "--data", str(SHARED_DATA),
+               "--output_dir", str(tmp_path / "out"), *FAST, "--micro_batch_size", "8"]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=own_process_env(), timeout=300)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("main.py: error:")]
+    assert errors == ["main.py: error: --micro_batch_size the training split has 9 records, fewer than one batch of "
+                      "--micro_batch_size 8 x 2 ranks = 16; lower --micro_batch_size or give it more records"]
+    assert "exitcode  : 2" in done.stderr  # torchrun's report of its ranks (it used to look for a batch for ever)
 
 
 def test_python_main_py_help_lists_every_option_and_the_values_it_takes():

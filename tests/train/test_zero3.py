@@ -14,6 +14,8 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 
 from hycam.baselines import methods
 from hycam.train import loop
+from hycam.train.config import parse_args
+from hycam.train.optimization import deepspeed_config
 from hycam.train.validation import rank_share
 from test_guards import free_port
 from test_runs import own_process_env
@@ -83,3 +85,22 @@ def test_two_zero3_ranks_validate_five_records_like_one_rank(tiny_model_dir, fiv
         rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         losses[name] = [row["loss"] for row in rows if row["split"] == "validation"]
     assert len(losses["two"]) == 1 and losses["two"] == pytest.approx(losses["one"], rel=1e-5)
+
+
+def test_no_parameter_stays_gathered_after_a_validation(tiny_model_dir, shared_data, tmp_path, partitioned):
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    # DeepSpeed's default reuse distance keeps what a forward gathered for the backward, which a validation
+    # forward never runs: without a release the whole model would stay gathered on every rank
+    _, model = loop.main(["--model", str(tiny_model_dir), "--data", str(shared_data), "--output_dir",
+                          str(tmp_path / "run"), *FAST, *ONE_STEP_AT_LR_0, "--zero_stage", "3", "--deepspeed_config",
+                          str(partitioned)])
+    assert {p.ds_status for p in model.parameters()} == {ZeroParamStatus.NOT_AVAILABLE}
+
+
+@pytest.mark.fast
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the host-memory settings are for runs without a GPU")
+def test_zero3_without_a_gpu_releases_each_gathered_parameter_after_use_and_prefetches_none():
+    zero = deepspeed_config(parse_args(["--zero_stage", "3"]), 2)["zero_optimization"]
+    assert (zero["stage3_max_reuse_distance"], zero["stage3_prefetch_bucket_size"]) == (0, 0)
+    assert deepspeed_config(parse_args(["--zero_stage", "2"]), 2)["zero_optimization"] == {"stage": 2}
