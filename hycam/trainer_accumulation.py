@@ -10,13 +10,8 @@ for the length of `train()`, as `hycam.set_gradient_accumulation` would.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from torch import nn
 from transformers.trainer_callback import TrainerCallback
-
-if TYPE_CHECKING:
-    from hycam.balance import ForwardRecord
 
 
 class GradientAccumulationCallback(TrainerCallback):
@@ -37,8 +32,8 @@ class GradientAccumulationCallback(TrainerCallback):
             record.accumulation_steps, self.declared = before, None
 
 
-def forward_record(model: nn.Module) -> ForwardRecord | None:
-    """The HyCAM forward record of `model` or of the model it wraps (a PeftModel's), or None."""
+def forward_record(model: nn.Module):
+    """The `hycam.balance.ForwardRecord` (not imported: balance imports this module) of `model` or of the model it wraps (a PeftModel's), or None."""
     return next((vars(m)["hycam_record"] for m in model.modules() if "hycam_record" in vars(m)), None)
 
 

@@ -1,6 +1,7 @@
 """Tiny random Llama, Qwen2 and Mistral models, and the paths the tests read."""
 
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -52,6 +53,19 @@ def error_line(capsys) -> str:
     lines = [line for line in err.splitlines() if "error:" in line]
     assert len(lines) == 1, err
     return lines[0]
+
+
+def standalone_env() -> dict:
+    """This process's environment without the process group an in-process `main()` left in it (its port is
+    taken while this process lives): for a subprocess that must start a group of its own."""
+    group = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    return {**{k: v for k, v in os.environ.items() if k not in group}, "OMP_NUM_THREADS": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def pytest_configure(config):

@@ -2,12 +2,11 @@
 network), at the revision asked; a hub id that is not cached is one line naming it and how to get it."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
-from conftest import REPO, save_tiny_tokenizer, tiny_model
+from conftest import REPO, save_tiny_tokenizer, standalone_env, tiny_model
 
 HUB_ID = "tiny-org/tiny-llama"
 MAIN_COMMIT, OTHER_COMMIT = "a" * 40, "b" * 40
@@ -33,7 +32,7 @@ def hub_cache(tmp_path_factory):
 
 
 def offline(cache) -> dict:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_CACHE": str(cache),
+    return {**standalone_env(), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_CACHE": str(cache),
             "OMP_NUM_THREADS": "1"}
 
 

@@ -6,13 +6,12 @@ runs at start-up, as it is for a user.
 """
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, standalone_env
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
@@ -34,7 +33,7 @@ def installed_python(tmp_path_factory):
 
 def env() -> dict[str, str]:
     """A fresh process's environment, without this test's path tweaks (conftest puts the checkout on PYTHONPATH)."""
-    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | OFFLINE
+    return {k: v for k, v in standalone_env().items() if k != "PYTHONPATH"} | OFFLINE
 
 
 def finish(process: subprocess.Popen) -> str:

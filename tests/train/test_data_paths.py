@@ -2,13 +2,12 @@
 saved datasets and the generated set train like task files."""
 
 import json
-import os
 import subprocess
 import sys
 
 import datasets
 import pytest
-from conftest import REPO
+from conftest import REPO, standalone_env
 
 from hycam.data import load_records, synthetic_tasks
 from hycam.train import loop
@@ -23,12 +22,6 @@ FAST = ["--max_records_per_task", "3", "--max_length", "512", "--micro_batch_siz
 def task_file(path, records):
     path.write_text("".join(json.dumps(vars(r)) + "\n" for r in records))
     return path
-
-
-def standalone_env() -> dict:
-    """This environment without the process group that an in-process main.py left in it (its port is taken)."""
-    group = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    return {**{k: v for k, v in os.environ.items() if k not in group}, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.mark.parametrize("existing", [0, 2])

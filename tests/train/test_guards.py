@@ -3,14 +3,13 @@
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SHARED_DATA
+from conftest import REPO, SHARED_DATA, free_port
 
 from hycam.train.guards import StaleBuildLock, check_build_locks
 from test_runs import own_process_env
@@ -60,12 +59,6 @@ def ranks(launcher: subprocess.Popen) -> dict[int, int]:
         env = dict(item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in item)
         found[int(env["RANK"])] = pid
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_rank_that_stops_answering_ends_the_run_within_the_timeout(tiny_model_dir, tmp_path):

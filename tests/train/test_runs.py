@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, SHARED_DATA
+from conftest import REPO, SHARED_DATA, standalone_env
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -39,16 +39,10 @@ def cli(args) -> tuple[int, str]:
     return 0, err.getvalue()
 
 
-def own_process_env() -> dict:
-    """This environment without the process group that an in-process main() set up in it."""
-    group = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    return {**{k: v for k, v in os.environ.items() if k not in group}, "OMP_NUM_THREADS": "1"}
-
-
 def start(model_dir, out, *extra) -> subprocess.Popen:
     log = open(f"{out}.stderr", "w")
     return subprocess.Popen([sys.executable, str(REPO / "main.py"), *argv(model_dir, out, *extra)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=log, env=own_process_env())
+                            stdout=subprocess.DEVNULL, stderr=log, env=standalone_env())
 
 
 def train_steps(out) -> list[int]:

@@ -1,13 +1,12 @@
 """main.py through the real DeepSpeed engine on CPU: HyCAM trains, resumes, runs on 2 ranks."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, free_port, standalone_env
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -99,12 +98,11 @@ def test_an_existing_run_is_not_overwritten(tiny_model_dir, shared_data, tmp_pat
 
 
 def test_two_cpu_processes_train_and_save_one_checkpoint(tiny_model_dir, shared_data, tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                str(REPO / "main.py"), "--model", str(tiny_model_dir), "--data", str(shared_data),
                "--output_dir", str(tmp_path), *FAST, "--max_steps", "3", "--eval_interval", "3",
                "--balance_scope", "global", "--lr", "1e-2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, cwd=REPO, env=standalone_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     config = json.loads((tmp_path / "run_config.json").read_text())
     assert config["world_size"] == 2
