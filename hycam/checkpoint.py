@@ -66,7 +66,7 @@ def _is_dtensor(tensor: torch.Tensor) -> bool:
     return isinstance(tensor, DTensor)
 
 
-def _whole(tensor: torch.Tensor) -> torch.Tensor:
+def whole(tensor: torch.Tensor) -> torch.Tensor:
     """`tensor` whole on every rank: an FSDP2 shard gathered (a collective), anything else as it is."""
     return tensor.full_tensor() if _is_dtensor(tensor) else tensor
 
@@ -105,7 +105,7 @@ def hycam_meta(model: nn.Module) -> dict:
 def gather_tensors(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
     """CPU copies of `params`, gathered first if ZeRO-3 or FSDP2 sharded them (a collective call)."""
     with gathered(list(params.values())):
-        tensors = {name: _whole(p.detach()).to("cpu", copy=True).contiguous() for name, p in params.items()}
+        tensors = {name: whole(p.detach()).to("cpu", copy=True).contiguous() for name, p in params.items()}
     empty = [name for name, t in tensors.items() if t.numel() == 0]
     if empty:
         raise RuntimeError(f"refusing to save empty tensors (partitioned and not gathered?): {empty[:3]}")

@@ -26,6 +26,7 @@ from peft.utils.peft_types import register_peft_method
 from torch import nn
 
 from hycam import legacy
+from hycam.checkpoint import whole
 from hycam.config import HyCAMConfig
 from hycam.files import PEFT_KEY_PREFIX
 from hycam.inject import (activate, add_adapter, apply, checkpoint_name, delete_adapter, hycam_parameters, is_applied,
@@ -129,8 +130,10 @@ class HyCAMModel(BaseTuner):
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        """This adapter's tensors of `state_dict`, FSDP2 shards gathered: peft calls it on every rank, and
+        writes on the main process only (`save_pretrained(..., is_main_process=rank == 0)`)."""
         names = _hycam_names(model, adapter_name)
-        return {key: value for key, value in state_dict.items() if key.removeprefix(PEFT_KEY_PREFIX) in names}
+        return {key: whole(value) for key, value in state_dict.items() if key.removeprefix(PEFT_KEY_PREFIX) in names}
 
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:

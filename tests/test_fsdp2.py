@@ -88,14 +88,11 @@ def _worker(rank: int, port: int, tmp, results) -> None:
 
 
 def _peft_round(rank: int, tmp) -> dict:
-    """peft's save_pretrained of a sharded HyCAM adapter: the full state dict gathered, written by rank 0."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
+    """peft's save_pretrained of a sharded HyCAM adapter, called on every rank as Trainer and accelerate do: the
+    shards are gathered, rank 0 writes."""
     model = sharded_hycam(peft_model=True)
     train(model, adamw(model), rank, steps=1)
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:
-        model.save_pretrained(tmp / "peft", state_dict=full)
+    model.save_pretrained(tmp / "peft", is_main_process=rank == 0)
     trained = whole({n: p for n, p in model.named_parameters() if p.requires_grad})
     return {"peft_trained": {name.removeprefix("base_model.model."): t for name, t in trained.items()}}
 

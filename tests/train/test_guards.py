@@ -9,10 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SHARED_DATA, free_port
+from conftest import REPO, SHARED_DATA, free_port, standalone_env
 
 from hycam.train.guards import StaleBuildLock, check_build_locks
-from test_runs import own_process_env
+
 from test_train import FAST
 
 
@@ -29,7 +29,7 @@ def old_lock(root: Path, minutes: float) -> Path:
 
 def test_a_stale_build_lock_stops_main_py_naming_it(tiny_model_dir, tmp_path):
     lock = old_lock(tmp_path / "extensions", 60)
-    env = {**own_process_env(), "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions")}
+    env = {**standalone_env(), "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions")}
     done = subprocess.run([sys.executable, str(REPO / "main.py"), "--model", str(tiny_model_dir),
                            "--output_dir", str(tmp_path / "out"), "--stale_lock_minutes", "10"],
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
@@ -69,7 +69,7 @@ def test_a_rank_that_stops_answering_ends_the_run_within_the_timeout(tiny_model_
                "--output_dir", str(tmp_path / "run"), *FAST, "--max_steps", "100000", "--epochs", "100000",
                "--eval_interval", "100000", "--dist_timeout", "5"]
     log = open(tmp_path / "stderr", "w")
-    launcher = subprocess.Popen(command, cwd=REPO, env=own_process_env(), stdout=subprocess.DEVNULL, stderr=log)
+    launcher = subprocess.Popen(command, cwd=REPO, env=standalone_env(), stdout=subprocess.DEVNULL, stderr=log)
     pids = {}
     try:
         metrics = tmp_path / "run" / "metrics.jsonl"

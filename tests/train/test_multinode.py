@@ -9,10 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SHARED_DATA
+from conftest import REPO, SHARED_DATA, standalone_env
 
 from test_guards import free_port
-from test_runs import own_process_env, train_steps
+from test_runs import train_steps
 from test_train import FAST
 
 ENDLESS = ["--max_steps", "100000", "--epochs", "100000", "--eval_interval", "100000", "--dist_timeout", "600",
@@ -27,7 +27,7 @@ def start_nodes(model_dir, out: Path) -> list[subprocess.Popen]:
                    "--num_nodes", "2", "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", port,
                    "--config", "configs/cpu_smollm2.yaml", "--output_dir", str(out / "run"), "--",
                    "--model", str(model_dir), "--data", str(SHARED_DATA), *FAST, *ENDLESS]
-        nodes.append(subprocess.Popen(command, cwd=REPO, env=own_process_env(), stdout=open(out / f"node{rank}.log", "w"),
+        nodes.append(subprocess.Popen(command, cwd=REPO, env=standalone_env(), stdout=open(out / f"node{rank}.log", "w"),
                                       stderr=subprocess.STDOUT, start_new_session=True))
     deadline = time.time() + 300
     while not ((out / "run" / "metrics.jsonl").is_file() and len(train_steps(out / "run")) >= 2):

@@ -12,12 +12,12 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, SHARED_DATA
+from conftest import REPO, SHARED_DATA, standalone_env
 from safetensors import SafetensorError
 
 from hycam.train import guards, resume
 from hycam.train.guards import StaleBuildLock, check_build_locks
-from test_runs import cli, own_process_env, train_steps
+from test_runs import cli, train_steps
 from test_train import FAST
 
 SHORT = ["--max_steps", "6", "--eval_interval", "2", "--lr", "1e-2", "--epochs", "100"]
@@ -46,7 +46,7 @@ def test_a_fresh_build_lock_no_process_holds_stops_main_py_naming_it(tiny_model_
     for name in ("lock", "shm.o"):  # a build killed 5 minutes ago (under --stale_lock_minutes), mid-compile
         (build / name).touch()
         os.utime(build / name, (time.time() - 300,) * 2)
-    env = {**own_process_env(), "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions")}
+    env = {**standalone_env(), "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions")}
     done = subprocess.run([sys.executable, str(REPO / "main.py"), "--model", str(tiny_model_dir),
                            "--output_dir", str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO,
                           env=env, timeout=300)
@@ -228,7 +228,7 @@ def test_a_refused_resume_exits_2_with_its_one_line(halted, tiny_model_dir, tmp_
     shutil.copytree(halted / "ours", out)
     done = subprocess.run([sys.executable, str(REPO / "main.py"), *argv(tiny_model_dir, out, "--resume", "true",
                                                                         "--seed", "7")],
-                          capture_output=True, text=True, cwd=REPO, env=own_process_env(), timeout=300)
+                          capture_output=True, text=True, cwd=REPO, env=standalone_env(), timeout=300)
     assert done.returncode == 2  # not 134: the process group is left before the C++ teardown (atexit)
     assert done.stderr.strip().splitlines()[-1].startswith(
         "main.py: error: --resume: --seed is 7, but the run was started with 2333")

@@ -7,12 +7,12 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, SHARED_DATA
+from conftest import REPO, SHARED_DATA, standalone_env
 
 from hycam.train import loop
 from hycam.train.config import CHOICES, TrainConfig, parse_args
 from test_guards import free_port
-from test_runs import own_process_env
+
 from test_train import FAST
 
 
@@ -91,7 +91,7 @@ def test_a_training_split_smaller_than_one_batch_of_every_rank_stops_with_the_nu
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                str(free_port()), str(REPO / "main.py"), "--model", str(tiny_model_dir), "--data", str(SHARED_DATA),
                "--output_dir", str(tmp_path / "out"), *FAST, "--micro_batch_size", "8"]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=own_process_env(), timeout=300)
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=standalone_env(), timeout=300)
     errors = [line for line in done.stderr.splitlines() if line.startswith("main.py: error:")]
     assert errors == ["main.py: error: --micro_batch_size the training split has 9 records, fewer than one batch of "
                       "--micro_batch_size 8 x 2 ranks = 16; lower --micro_batch_size or give it more records"]

@@ -8,9 +8,9 @@ import subprocess
 import sys
 import time
 
-from conftest import REPO
+from conftest import REPO, standalone_env
 from test_guards import free_port
-from test_runs import own_process_env
+
 
 # guards.py alone: importing the hycam package (transformers, peft) would take most of each test's time
 GUARDS = """
@@ -56,7 +56,7 @@ def hycam_lines(text: str) -> list[str]:
 
 def test_a_signal_ends_a_rank_stuck_in_a_collective_with_one_line():
     port = str(free_port())
-    ranks = [subprocess.Popen([sys.executable, "-c", STUCK, str(rank), port], cwd=REPO, env=own_process_env(),
+    ranks = [subprocess.Popen([sys.executable, "-c", STUCK, str(rank), port], cwd=REPO, env=standalone_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
     try:
         assert ranks[0].stdout.readline() == "in\n", ranks[0].stderr.read()
@@ -75,7 +75,7 @@ def test_a_signal_ends_a_rank_stuck_in_a_collective_with_one_line():
 
 
 def test_a_worker_whose_launcher_is_killed_stops_as_on_sigterm():
-    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, WORKER], cwd=REPO, env=own_process_env(),
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, WORKER], cwd=REPO, env=standalone_env(),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert launcher.stdout.readline() == "in\n"  # the worker's, through the inherited pipe

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, standalone_env
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from hycam.baselines import methods
@@ -18,7 +18,7 @@ from hycam.train.config import parse_args
 from hycam.train.optimization import deepspeed_config
 from hycam.train.validation import rank_share
 from test_guards import free_port
-from test_runs import own_process_env
+
 from test_train import FAST
 
 ONE_STEP_AT_LR_0 = ["--max_steps", "1", "--eval_interval", "1", "--lr", "1e-30"]  # the weights stay as built
@@ -76,7 +76,7 @@ def test_two_zero3_ranks_validate_five_records_like_one_rank(tiny_model_dir, fiv
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                str(free_port()), str(REPO / "main.py"), *common, "--output_dir", str(tmp_path / "two"),
                "--zero_stage", "3", "--deepspeed_config", str(partitioned), "--dist_timeout", "60"]
-    done = subprocess.run(command, cwd=REPO, env=own_process_env(), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, cwd=REPO, env=standalone_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]  # rank 0's third forward used to wait for ever
     assert "validation: count: kept 5, truncated 0, skipped 0" in done.stdout
     loop.main([*common, "--output_dir", str(tmp_path / "one")])
