@@ -8,7 +8,6 @@ import ast
 import dataclasses
 import functools
 import inspect
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args, get_origin, get_type_hints
@@ -19,6 +18,7 @@ from hycam.baselines.methods import METHODS, MethodOptions
 from hycam.config import HyCAMConfig
 from hycam.data.models import QUANTIZATIONS
 from hycam.data.prompts import LOSS_ON, OVERFLOW, TEMPLATES
+from hycam.train.values import ConfigError, convert, is_list
 
 Method = Literal[METHODS]
 Template = Literal[TEMPLATES]
@@ -158,15 +158,6 @@ _CHECKS = {  # option: (accepts the value, what it must be)
 }
 
 
-class ConfigError(ValueError):
-    """An option whose value cannot be used; says where the value came from once that is known."""
-
-    def __init__(self, option: str, problem: str, source: str | None = None) -> None:
-        self.option, self.problem, self.source = option, problem, source
-        where = f"{source}: {option}:" if source else f"--{option}"
-        super().__init__(f"{where} {problem}")
-
-
 def field_docs(cls: type) -> dict[str, str]:
     """The docstring under each dataclass field of `cls` and its bases, read from the source."""
     docs = {}
@@ -215,76 +206,14 @@ def _parser() -> _Parser:
         choices = f" One of: {', '.join(map(str, CHOICES[f.name]))}." if f.name in CHOICES else ""
         default = "" if callable(f.default_factory) else f" (default: {f.default})"
         to_type = functools.partial(_cli_value, f.name, _HINTS[f.name])
-        parser.add_argument(f"--{f.name}", type=to_type, nargs="+" if _is_list(_HINTS[f.name]) else None,
+        parser.add_argument(f"--{f.name}", type=to_type, nargs="+" if is_list(_HINTS[f.name]) else None,
                             help=docs.get(f.name, "") + choices + default)
     return parser
 
 
-def convert(option: str, hint, value):
-    """`value` (from YAML or the command line) as the type `hint`, or a ConfigError naming `option`."""
-    optional = type(None) in getattr(hint, "__args__", ())
-    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
-        if optional:
-            return None
-        raise ConfigError(option, "may not be null")
-    if _is_list(hint):
-        items = [value] if isinstance(value, str) else value
-        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
-            raise ConfigError(option, f"expected a path or a list of paths, got {value!r}")
-        return items
-    base = _value_type(hint)
-    try:
-        converted = _SCALARS[base](value)
-    except (TypeError, ValueError):
-        raise ConfigError(option, f"expected {_NAMES[base]}, got {value!r}") from None
-    if base is not float or math.isfinite(converted):
-        return converted
-    raise ConfigError(option, f"expected a finite number, got {value!r}")  # inf, nan pass any range check; not JSON
-
-
-def _to_bool(value) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-        return value.lower() in ("true", "1", "yes")
-    raise ValueError(value)
-
-
-def _to_int(value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise TypeError(value)
-    return int(value)
-
-
-def _to_float(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise TypeError(value)
-    return float(value)
-
-
-def _to_str(value) -> str:
-    if not isinstance(value, str):
-        raise TypeError(value)
-    return value
-
-
-_SCALARS = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
-_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-
-
-def _value_type(hint) -> type:
-    """The Python type of the values of `hint`: Optional taken off, a Literal's values' type."""
-    args = [a for a in getattr(hint, "__args__", (hint,)) if a is not type(None)]
-    return type(args[0]) if get_origin(hint) is Literal else args[0]
-
-
-def _is_list(hint) -> bool:
-    return hint is list or getattr(hint, "__origin__", None) is list
-
-
 def _cli_value(option: str, hint, text: str):
     try:
-        return convert(option, str if _is_list(hint) else hint, text)
+        return convert(option, str if is_list(hint) else hint, text)
     except ConfigError as err:
         raise argparse.ArgumentTypeError(err.problem) from None
 
