@@ -179,11 +179,14 @@ def _judge(lock: Path, minutes: float) -> str | None:
     """Why `lock` is stale; None if it is gone or a live build's; "wait" while that is not known yet."""
     now = time.time()
     try:
-        changed, holders = lock.stat().st_mtime, _holders(lock)
+        before, holders, after = lock.stat(), _holders(lock), lock.stat()
     except FileNotFoundError:  # its build just finished
         return None
-    if holders:
+    # A process loading an op it built before takes the lock for a moment: one that let go of it while the scan
+    # ran (and another that took it again) is not a dead build.
+    if holders or (before.st_ino, before.st_mtime_ns) != (after.st_ino, after.st_mtime_ns):
         return None
+    changed = after.st_mtime
     if _building(lock.parent, now - QUIET_SECONDS):  # a build on another machine sharing the folder?
         return "wait" if changed > now - minutes * 60 else None
     return (f"a torch-extensions build lock {_age(now - changed)} old that no process holds, and no build writing "

@@ -51,6 +51,23 @@ def test_a_lock_of_a_build_that_is_still_writing_is_left_alone(tmp_path, monkeyp
     check_build_locks(10)
 
 
+def test_a_lock_let_go_while_it_is_judged_is_a_live_builds(tmp_path, monkeypatch):
+    """A process loading an op it built takes the lock for a moment: gone by the end of the scan, it is no
+    dead build's (two nodes starting at once tripped on this)."""
+    from hycam.train import guards
+
+    lock = old_lock(tmp_path, 60)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+
+    def released_during_the_scan(path):
+        path.unlink()
+        return []
+
+    monkeypatch.setattr(guards, "_holders", released_during_the_scan)
+    check_build_locks(10)
+    assert not lock.exists()
+
+
 def ranks(launcher: subprocess.Popen) -> dict[int, int]:
     """rank -> pid of the processes torchrun started."""
     children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
