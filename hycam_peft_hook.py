@@ -6,6 +6,8 @@ and serving tools read adapters in processes the user did not write. hycam's ins
 into site-packages; Python runs its one line at start-up, which puts a `PeftWatcher` on `sys.meta_path`. The
 watcher imports nothing: when a process imports peft, it lets peft's own loader run, then imports hycam, whose
 import registers HyCAM as a peft method. A process that never imports peft never imports hycam.
+The line looks for this module first: where it cannot be found (an editable install whose checkout was moved
+or deleted) it does nothing, rather than print an error at the start of every Python process.
 
 This module stays outside the `hycam` package: importing anything inside it would import hycam's
 `__init__`, and with it torch, at every interpreter start.

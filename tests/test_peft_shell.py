@@ -103,6 +103,14 @@ def test_starting_python_imports_neither_torch_nor_hycam(installed_python, tmp_p
     assert done.stdout.split() == ["[]", "['PeftWatcher']"]
 
 
+def test_the_pth_line_is_silent_where_the_hook_cannot_be_found(tmp_path):
+    """An editable install whose checkout was moved or deleted must not print an error in every process."""
+    line = (REPO / "hycam-peft.pth").read_text().strip()
+    done = subprocess.run([sys.executable, "-S", "-c", f"{line}\nimport sys; print('hycam_peft_hook' in sys.modules)"],
+                          cwd=tmp_path, env=env(), capture_output=True, text=True)
+    assert (done.returncode, done.stdout.strip(), done.stderr) == (0, "False", "")
+
+
 def test_auto_peft_model_reads_a_hycam_adapter_in_a_fresh_process(shell, adapter_dir):
     work, started = shell
     finish(started["auto_peft"])
